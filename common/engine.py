@@ -1,0 +1,28 @@
+"""The single-process engine: the whole model as the one and only slice."""
+
+from typing import Sequence
+
+import numpy as np
+
+from .config import ModelConfig
+from .split import full_slice
+from .transformer import SliceModel, StepSequence
+from .weights import ModelWeights
+
+
+class LocalEngine:
+    """Runs steps in this process. The cluster engine (coordinator/) has the same
+    `step` signature, so the generation loop cannot tell them apart."""
+
+    def __init__(self, config: ModelConfig, weights: ModelWeights, n_slots: int = 1):
+        self.config = config
+        self.weights = weights
+        self.model = SliceModel(config, full_slice(config), weights.as_shard(), n_slots)
+
+    def step(self, tokens: np.ndarray, sequences: Sequence[StepSequence], all_logits: bool = False) -> np.ndarray:
+        """tokens: (T,) ids of all sequences in order -> logits (n_sequences or T, vocab_size)."""
+        x = self.weights.embed(np.asarray(tokens, dtype=np.int64))
+        return self.model.forward(x, sequences, all_logits=all_logits)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,73 @@
+"""The transformer's kernels as small pure numpy functions (float32 throughout).
+
+Each mirrors the function of the same job in llama2.c's run.c; shapes in comments
+use T for tokens in the step, H for heads, D for head_dim.
+"""
+
+import numpy as np
+
+from .config import NORM_EPS, ROPE_THETA
+from .weights import Matrix, QuantizedMatrix
+
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """x: (T, dim) -> weight * x / sqrt(mean(x^2) + eps), row by row."""
+    mean_square = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)
+    return weight * (x * (1.0 / np.sqrt(mean_square + np.float32(NORM_EPS))))
+
+
+def matmul(x: np.ndarray, weight: Matrix, scratch: np.ndarray | None = None) -> np.ndarray:
+    """x: (T, in) @ weight.T, weight (out, in). Int8 weights are expanded into `scratch`
+    first, so a v2 model computes exactly what its dequantized fp32 twin does."""
+    if isinstance(weight, QuantizedMatrix):
+        weight = weight.dequantize(out=scratch)
+    return x @ weight.T
+
+
+def rope_tables(seq_len: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of position * theta^(-2i/head_dim), each (seq_len, head_dim // 2).
+
+    Frequencies and angles are float32 as in run.c; only cos/sin go through float64
+    so they round once, like cosf/sinf.
+    """
+    pair = np.arange(0, head_dim, 2, dtype=np.float32)
+    freq = (np.float32(1.0) / np.power(np.float32(ROPE_THETA), pair / np.float32(head_dim))).astype(np.float32)
+    angle = np.arange(seq_len, dtype=np.float32)[:, None] * freq[None, :]
+    angle64 = angle.astype(np.float64)
+    return np.cos(angle64).astype(np.float32), np.sin(angle64).astype(np.float32)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """x: (T, H, D); cos, sin: (T, D/2). Rotates pairs (2i, 2i+1) of every head."""
+    even, odd = x[..., 0::2], x[..., 1::2]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    out = np.empty_like(x)
+    out[..., 0::2] = even * cos - odd * sin
+    out[..., 1::2] = even * sin + odd * cos
+    return out
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    shifted = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return shifted / np.sum(shifted, axis=axis, keepdims=True)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x * (np.float32(1.0) / (np.float32(1.0) + np.exp(-x)))
+
+
+def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, first_position: int) -> np.ndarray:
+    """Causal attention of T new queries against every cached position of one sequence.
+
+    q: (H, T, D) for the H query heads sharing one kv head; keys, values: (P, D) with
+    P = first_position + T. Query t sits at position first_position + t and sees
+    keys 0..first_position + t. Returns (H, T, D).
+    """
+    head_dim = q.shape[-1]
+    n_new, n_seen = q.shape[1], keys.shape[0]
+    scores = (q @ keys.T) * np.float32(1.0 / np.sqrt(head_dim))  # (H, T, P)
+    if n_new > 1:
+        query_pos = first_position + np.arange(n_new)[:, None]
+        future = np.arange(n_seen)[None, :] > query_pos  # (T, P)
+        scores = np.where(future, np.float32(-np.inf), scores)
+    return softmax(scores) @ values

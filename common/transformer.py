@@ -1,0 +1,147 @@
+"""One worker's share of the Llama-2 forward pass; the whole model when it is the only one.
+
+The step reads top to bottom like run.c's forward(), except that the two sums of
+row-parallel outputs (after wo, after w2) go through `allreduce`: the identity for
+one process, a round trip to the coordinator for a worker.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import ProtocolError
+from .ops import apply_rope, attention, matmul, rmsnorm, rope_tables, silu
+from .split import SliceSpec
+from .weights import LAYER_MATRICES, QuantizedMatrix, ShardWeights
+
+AllReduce = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class StepSequence:
+    """One sequence's part of a step: `n_tokens` rows of the step's input, placed at
+    positions start_position.. of KV-cache slot `slot`."""
+
+    slot: int
+    start_position: int
+    n_tokens: int
+
+
+def no_reduce(partial: np.ndarray) -> np.ndarray:
+    return partial
+
+
+class KVCache:
+    """Keys and values of this worker's kv heads: (n_layers, n_slots, n_kv_heads_local, seq_len, head_dim).
+
+    np.zeros maps pages lazily, so resident memory grows with the positions used."""
+
+    def __init__(self, n_layers: int, n_slots: int, n_kv_heads_local: int, seq_len: int, head_dim: int):
+        shape = (n_layers, n_slots, n_kv_heads_local, seq_len, head_dim)
+        self.keys = np.zeros(shape, dtype=np.float32)
+        self.values = np.zeros(shape, dtype=np.float32)
+
+    @property
+    def n_slots(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def n_bytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+
+class SliceModel:
+    def __init__(self, config: ModelConfig, spec: SliceSpec, weights: ShardWeights, n_slots: int = 1):
+        self.config = config
+        self.spec = spec
+        self.weights = weights
+        self.cache = KVCache(config.n_layers, n_slots, spec.n_kv_heads_local, config.seq_len, config.head_dim)
+        self.rope_cos, self.rope_sin = rope_tables(config.seq_len, config.head_dim)
+        self.kv_groups = spec.kv_groups(config)
+        self.dequant_scratch = _scratch_for_quantized(weights)
+
+    def forward(self, x: np.ndarray, sequences: Sequence[StepSequence], allreduce: AllReduce = no_reduce,
+                all_logits: bool = False) -> np.ndarray:
+        """x: (T, dim) embeddings of the step's tokens, sequences in row order.
+
+        Returns this worker's logits slice, (n_sequences, vocab_local) for each
+        sequence's last token, or (T, vocab_local) with all_logits."""
+        self.check_sequences(sequences, x.shape[0])
+        positions = np.concatenate([np.arange(s.start_position, s.start_position + s.n_tokens)
+                                    for s in sequences])
+        for layer_index in range(self.config.n_layers):
+            x = x + allreduce(self.attention_partial(layer_index, x, sequences, positions))
+            x = x + allreduce(self.ffn_partial(layer_index, x))
+        if not all_logits:
+            last_rows = np.cumsum([s.n_tokens for s in sequences]) - 1
+            x = x[last_rows]
+        x = rmsnorm(x, self.weights.final_norm)
+        return self.matmul(x, self.weights.classifier)
+
+    def attention_partial(self, layer_index: int, x: np.ndarray, sequences: Sequence[StepSequence],
+                          positions: np.ndarray) -> np.ndarray:
+        """This worker's heads' contribution to the attention output, before the sum over workers."""
+        layer = self.weights.layers[layer_index]
+        n_tokens, head_dim = x.shape[0], self.config.head_dim
+        h = rmsnorm(x, layer.attn_norm)
+        q = self.matmul(h, layer.wq).reshape(n_tokens, self.spec.n_heads_local, head_dim)
+        k = self.matmul(h, layer.wk).reshape(n_tokens, self.spec.n_kv_heads_local, head_dim)
+        v = self.matmul(h, layer.wv).reshape(n_tokens, self.spec.n_kv_heads_local, head_dim)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        heads_out = np.empty_like(q)  # (T, n_heads_local, head_dim)
+        row = 0
+        for seq in sequences:
+            rows = slice(row, row + seq.n_tokens)
+            end = seq.start_position + seq.n_tokens
+            cached_keys = self.cache.keys[layer_index, seq.slot]  # (n_kv_local, seq_len, D)
+            cached_values = self.cache.values[layer_index, seq.slot]
+            cached_keys[:, seq.start_position:end] = k[rows].transpose(1, 0, 2)
+            cached_values[:, seq.start_position:end] = v[rows].transpose(1, 0, 2)
+            for kv_local, first_head, stop_head in self.kv_groups:
+                q_group = q[rows, first_head:stop_head].transpose(1, 0, 2)  # (H_group, T_seq, D)
+                out = attention(q_group, cached_keys[kv_local, :end], cached_values[kv_local, :end],
+                                seq.start_position)
+                heads_out[rows, first_head:stop_head] = out.transpose(1, 0, 2)
+            row += seq.n_tokens
+        return self.matmul(heads_out.reshape(n_tokens, -1), layer.wo)
+
+    def ffn_partial(self, layer_index: int, x: np.ndarray) -> np.ndarray:
+        """SwiGLU over this worker's FFN units, before the sum over workers."""
+        layer = self.weights.layers[layer_index]
+        h = rmsnorm(x, layer.ffn_norm)
+        gate = silu(self.matmul(h, layer.w1)) * self.matmul(h, layer.w3)
+        return self.matmul(gate, layer.w2)
+
+    def matmul(self, x: np.ndarray, weight) -> np.ndarray:
+        if isinstance(weight, QuantizedMatrix):
+            scratch = self.dequant_scratch[: weight.values.size].reshape(weight.shape)
+            return matmul(x, weight, scratch)
+        return matmul(x, weight)
+
+    def check_sequences(self, sequences: Sequence[StepSequence], n_rows: int) -> None:
+        """Reject a step that would index outside the cache (it may come off the network)."""
+        if not sequences:
+            raise ProtocolError("step has no sequences")
+        if sum(s.n_tokens for s in sequences) != n_rows:
+            raise ProtocolError(f"step sequences cover {sum(s.n_tokens for s in sequences)} tokens, "
+                                f"input has {n_rows} rows")
+        for seq in sequences:
+            if not 0 <= seq.slot < self.cache.n_slots:
+                raise ProtocolError(f"slot {seq.slot} out of range 0..{self.cache.n_slots - 1}")
+            if seq.n_tokens < 1 or seq.start_position < 0 or \
+                    seq.start_position + seq.n_tokens > self.config.seq_len:
+                raise ProtocolError(f"positions {seq.start_position}..{seq.start_position + seq.n_tokens - 1} "
+                                    f"outside the context 0..{self.config.seq_len - 1}")
+
+
+def _scratch_for_quantized(weights: ShardWeights) -> np.ndarray | None:
+    """One float32 buffer as large as the largest int8 matrix, reused by every matmul."""
+    sizes = [getattr(layer, name).values.size for layer in weights.layers for name in LAYER_MATRICES
+             if isinstance(getattr(layer, name), QuantizedMatrix)]
+    if isinstance(weights.classifier, QuantizedMatrix):
+        sizes.append(weights.classifier.values.size)
+    return np.empty(max(sizes), dtype=np.float32) if sizes else None
