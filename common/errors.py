@@ -25,3 +25,24 @@ class ProtocolError(LlmtpError):
 
 class WorkerError(LlmtpError):
     """A worker is unreachable, refused the handshake, died, or timed out."""
+
+
+def run_handler(args) -> int:
+    """Run a parsed command's handler: LlmtpError -> one line on stderr and its exit
+    code; Ctrl-C -> 130; a closed stdout pipe -> quiet exit. Other exceptions are bugs
+    and keep their traceback."""
+    import os
+    import sys
+    try:
+        return args.handler(args) or 0
+    except LlmtpError as error:
+        sys.stdout.flush()
+        print(f"llmtp: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        print("llmtp: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -84,7 +84,11 @@ class ModelWeights:
         return ShardWeights(layers=self.layers, final_norm=self.final_norm, classifier=self.classifier)
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
-        """(T,) token ids -> (T, dim) float32 rows of the embedding table."""
-        if isinstance(self.token_embedding, QuantizedMatrix):
-            return self.token_embedding.dequantize_rows(tokens)
-        return np.asarray(self.token_embedding[tokens], dtype=np.float32)
+        return embed_tokens(self.token_embedding, tokens)
+
+
+def embed_tokens(embedding: Matrix, tokens: np.ndarray) -> np.ndarray:
+    """(T,) token ids -> (T, dim) float32 rows of the embedding table."""
+    if isinstance(embedding, QuantizedMatrix):
+        return embedding.dequantize_rows(tokens)
+    return np.asarray(embedding[tokens], dtype=np.float32)

@@ -1,0 +1,158 @@
+"""The coordinator's side of a step: embed, broadcast, sum partials, gather logits.
+
+Same `step` signature as common.engine.LocalEngine. Every wait polls the worker
+sockets together with the local worker processes' exit fds (when it started them),
+so a crash shows at once with its exit code, and every wait has a deadline.
+"""
+
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import zmq
+
+from common import protocol
+from common.config import ModelConfig
+from common.errors import ProtocolError, WorkerError
+from common.protocol import Message
+from common.transformer import StepSequence
+from common.weights import Matrix, embed_tokens
+
+
+@dataclass
+class WorkerLink:
+    index: int
+    endpoint: str
+    socket: zmq.Socket
+    process: object | None = None  # subprocess.Popen when this coordinator started the worker
+    exit_fd: int | None = None  # pidfd that becomes readable when that process exits
+    info: dict | None = None  # the READY header
+
+    @property
+    def name(self) -> str:
+        return f"worker {self.index} ({self.endpoint})"
+
+
+class ClusterEngine:
+    def __init__(self, config: ModelConfig, embedding: Matrix, endpoints: Sequence[str], model_sha256: str,
+                 n_slots: int = 1, timeout: float = 30.0, processes: Sequence | None = None):
+        self.config = config
+        self.embedding = embedding
+        self.timeout = timeout
+        self.step_id = 0
+        self.context = zmq.Context()
+        self.links = []
+        for index, endpoint in enumerate(endpoints):
+            socket = self.context.socket(zmq.DEALER)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.setsockopt(zmq.IDENTITY, f"coordinator-{uuid.uuid4().hex[:12]}-{index}".encode())
+            socket.connect(endpoint)
+            process = processes[index] if processes else None
+            self.links.append(WorkerLink(index, endpoint, socket, process, _exit_fd(process)))
+        self.poller = zmq.Poller()
+        for link in self.links:
+            self.poller.register(link.socket, zmq.POLLIN)
+            if link.exit_fd is not None:
+                self.poller.register(link.exit_fd, zmq.POLLIN)
+        self.handshake(model_sha256, n_slots)
+
+    def handshake(self, model_sha256: str, n_slots: int) -> None:
+        for link in self.links:
+            protocol.send(link.socket, protocol.HELLO, {
+                "protocol_version": protocol.PROTOCOL_VERSION, "model_sha256": model_sha256,
+                "shard_index": link.index, "n_shards": len(self.links), "n_slots": n_slots})
+        deadline = time.monotonic() + self.timeout
+        for link in self.links:
+            link.info = self.receive(link, protocol.READY, deadline, "handshake").header
+
+    def step(self, tokens: np.ndarray, sequences: Sequence[StepSequence], all_logits: bool = False) -> np.ndarray:
+        self.step_id += 1
+        x = embed_tokens(self.embedding, np.asarray(tokens, dtype=np.int64))
+        header = {"step_id": self.step_id, "all_logits": all_logits,
+                  "sequences": [[s.slot, s.start_position, s.n_tokens] for s in sequences]}
+        for link in self.links:
+            protocol.send(link.socket, protocol.STEP, header, [x])
+        if len(self.links) > 1:
+            total = np.empty_like(x)
+            for sync in range(2 * self.config.n_layers):
+                self.reduce(sync, total)
+        deadline = time.monotonic() + self.timeout
+        slices = [self.receive(link, protocol.LOGITS, deadline, f"step {self.step_id}").arrays[0]
+                  for link in self.links]
+        return np.concatenate(slices, axis=1)
+
+    def reduce(self, sync: int, total: np.ndarray) -> None:
+        """Sum every worker's partial for this sync and send the sum back to all."""
+        deadline = time.monotonic() + self.timeout
+        state = f"step {self.step_id} sync {sync}"
+        for position, link in enumerate(self.links):
+            message = self.receive(link, protocol.PARTIAL, deadline, state)
+            if message.header.get("step_id") != self.step_id or message.header.get("sync") != sync \
+                    or len(message.arrays) != 1 or message.arrays[0].shape != total.shape:
+                raise ProtocolError(f"{link.name} sent a PARTIAL that does not match {state}")
+            if position == 0:
+                np.copyto(total, message.arrays[0])
+            else:
+                np.add(total, message.arrays[0], out=total)
+        header = {"step_id": self.step_id, "sync": sync}
+        for link in self.links:
+            protocol.send(link.socket, protocol.REDUCED, header, [total])
+
+    def receive(self, link: WorkerLink, kind: bytes, deadline: float, state: str) -> Message:
+        """The next message from `link`, which must be `kind`; WorkerError on a dead or silent
+        worker or an ERROR reply, naming the worker and what we were waiting for."""
+        while True:
+            if link.socket.poll(0):
+                message = protocol.decode(link.socket.recv_multipart(copy=False))
+                if message.kind == protocol.ERROR:
+                    raise WorkerError(f"{link.name}: {message.header.get('message', 'error')}")
+                if message.kind != kind:
+                    raise ProtocolError(f"{link.name} sent {message.kind.decode()} during {state}, "
+                                        f"expected {kind.decode()}")
+                return message
+            self.check_processes()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WorkerError(f"{link.name} sent no {kind.decode()} within {self.timeout:g} s ({state})")
+            self.poller.poll(min(remaining, 1.0) * 1000)
+
+    def check_processes(self) -> None:
+        for link in self.links:
+            if link.process is not None and link.process.poll() is not None:
+                raise WorkerError(f"{link.name} exited with code {link.process.returncode}")
+
+    def worker_stats(self) -> list[dict]:
+        """RSS, shard and KV-cache bytes of every worker (PING/PONG)."""
+        for link in self.links:
+            protocol.send(link.socket, protocol.PING)
+        deadline = time.monotonic() + self.timeout
+        return [self.receive(link, protocol.PONG, deadline, "ping").header for link in self.links]
+
+    def close(self, shutdown_workers: bool = False) -> None:
+        """End the session (BYE), or stop the workers too (SHUTDOWN). Never blocks."""
+        kind = protocol.SHUTDOWN if shutdown_workers else protocol.BYE
+        for link in self.links:
+            try:
+                protocol.send(link.socket, kind)
+            except zmq.ZMQError:
+                pass
+        time.sleep(0.01 if self.links else 0)  # let the final frames leave before linger-0 close
+        for link in self.links:
+            link.socket.close(linger=100)
+            if link.exit_fd is not None:
+                os.close(link.exit_fd)
+                link.exit_fd = None
+        self.links = []
+        self.context.term()
+
+
+def _exit_fd(process) -> int | None:
+    if process is None or not hasattr(os, "pidfd_open"):
+        return None
+    try:
+        return os.pidfd_open(process.pid)
+    except OSError:
+        return None

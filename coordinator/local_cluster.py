@@ -1,0 +1,238 @@
+"""Workers on this machine: shard into a cache folder once, start N worker processes,
+connect, and stop them all afterwards (or keep them up for `llmtp cluster`)."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import ConfigError, WorkerError
+
+from .cluster_engine import ClusterEngine
+
+START_TIMEOUT = 30.0  # seconds for a worker to load its shard and bind
+STOP_TIMEOUT = 3.0  # seconds between each stage of shutdown: ask, terminate, kill
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLMTP_CACHE_DIR") or Path.home() / ".cache" / "llmtp")
+
+
+def shard_cache_folder(checkpoint_path: Path, n_workers: int) -> Path:
+    """One folder per (checkpoint file version, worker count): a changed file reshards."""
+    stat = checkpoint_path.stat()
+    identity = f"{checkpoint_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    return cache_dir() / "shards" / f"{checkpoint_path.stem}-{key}-{n_workers}w"
+
+
+def ensure_shards(checkpoint_path: Path, n_workers: int) -> Path:
+    """The shard folder for this checkpoint and worker count, writing it on first use.
+    Only then is the checkpoint itself opened."""
+    from common.checkpoint import load_checkpoint
+    from common.shard_file import write_shards
+    if not checkpoint_path.is_file():
+        raise ConfigError(f"{checkpoint_path}: no such checkpoint file")
+    folder = shard_cache_folder(checkpoint_path, n_workers)
+    if (folder / "manifest.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        write_shards(load_checkpoint(checkpoint_path), n_workers, staging)
+        try:
+            staging.rename(folder)
+        except OSError:  # another process finished the same shards first
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def blas_threads_env(n_workers: int) -> dict:
+    """Give each worker its share of the cores, so N workers never oversubscribe."""
+    threads = str(max(1, (os.cpu_count() or 1) // n_workers))
+    env = dict(os.environ)
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[name] = threads
+    return env
+
+
+@dataclass
+class StartedWorker:
+    process: subprocess.Popen
+    endpoint: str
+
+
+def start_workers(shard_folder: Path, n_workers: int, run_folder: Path, tied_to_us: bool,
+                  host: str = "127.0.0.1") -> list[StartedWorker]:
+    """Start one worker per shard on an ephemeral port and wait for each to announce it.
+
+    tied_to_us: the workers exit when this process does (one `generate`); otherwise they
+    are detached daemons (`cluster up`) that log into run_folder."""
+    from common.shard_file import load_manifest
+    manifest = load_manifest(shard_folder)
+    run_folder.mkdir(parents=True, exist_ok=True)
+    env = blas_threads_env(n_workers)
+    started: list[StartedWorker] = []
+    try:
+        for index, shard in enumerate(manifest.shards):
+            announce = run_folder / f"worker-{index}.endpoint"
+            announce.unlink(missing_ok=True)
+            command = [sys.executable, "-m", "worker", "--shard", str(shard_folder / shard.file),
+                       "--bind", f"tcp://{host}:*", "--announce", str(announce)]
+            if tied_to_us:
+                command += ["--parent-pid", str(os.getpid())]
+                log = None
+            else:
+                log = open(run_folder / f"worker-{index}.log", "ab")
+            process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log or subprocess.DEVNULL,
+                                       stderr=log, start_new_session=True)
+            started.append(StartedWorker(process, ""))
+            if log:
+                log.close()
+        deadline = time.monotonic() + START_TIMEOUT
+        for index, worker in enumerate(started):
+            worker.endpoint = wait_for_announce(run_folder / f"worker-{index}.endpoint", worker.process,
+                                                index, deadline)
+    except BaseException:
+        stop_processes([worker.process for worker in started])
+        raise
+    return started
+
+
+def wait_for_announce(path: Path, process: subprocess.Popen, index: int, deadline: float) -> str:
+    while not path.exists():
+        if process.poll() is not None:
+            raise WorkerError(f"worker {index} exited with code {process.returncode} while starting")
+        if time.monotonic() > deadline:
+            raise WorkerError(f"worker {index} did not start within {START_TIMEOUT:g} s")
+        time.sleep(0.02)
+    return path.read_text().strip()
+
+
+def stop_processes(processes: list) -> None:
+    """Staged: they were asked already (SHUTDOWN); wait, then SIGTERM, then SIGKILL."""
+    for stage in ("wait", "terminate", "kill"):
+        alive = [p for p in processes if p.poll() is None]
+        if not alive:
+            return
+        for process in alive:
+            if stage == "terminate":
+                process.terminate()
+            elif stage == "kill":
+                process.kill()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for process in alive:
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+
+
+class LocalClusterEngine(ClusterEngine):
+    """A ClusterEngine that owns its worker processes and stops them on close."""
+
+    def __init__(self, *args, run_folder: Path, **kwargs):
+        self.run_folder = run_folder
+        self.processes = kwargs.get("processes") or []
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            stop_processes(list(self.processes))
+            shutil.rmtree(run_folder, ignore_errors=True)
+            raise
+
+    def close(self, shutdown_workers: bool = True) -> None:
+        super().close(shutdown_workers=True)
+        stop_processes(list(self.processes))
+        shutil.rmtree(self.run_folder, ignore_errors=True)
+
+
+def open_local_engine(shard_folder: Path, n_workers: int, n_slots: int = 1, timeout: float = 30.0):
+    """Start workers for a shard folder and connect to them; close() stops them."""
+    from common.shard_file import load_embedding, load_manifest
+    manifest = load_manifest(shard_folder)
+    run_folder = Path(tempfile.mkdtemp(prefix="llmtp-run-"))
+    started = start_workers(shard_folder, n_workers, run_folder, tied_to_us=True)
+    return LocalClusterEngine(manifest.config, load_embedding(shard_folder), [w.endpoint for w in started],
+                              manifest.model_sha256, n_slots=n_slots, timeout=timeout,
+                              processes=[w.process for w in started], run_folder=run_folder)
+
+
+# `llmtp cluster up / down`: detached workers described by a state file.
+
+def state_path(explicit: str | None) -> Path:
+    return Path(explicit) if explicit else cache_dir() / "cluster.json"
+
+
+def cluster_up(checkpoint_path: Path, tokenizer_path: Path, n_workers: int, state_file: Path) -> dict:
+    if state_file.exists():
+        raise ConfigError(f"{state_file}: a cluster is already up; run `llmtp cluster down` first")
+    shard_folder = ensure_shards(checkpoint_path, n_workers)
+    run_folder = state_file.parent / (state_file.stem + "-run")
+    started = start_workers(shard_folder, n_workers, run_folder, tied_to_us=False)
+    state = {"checkpoint": str(checkpoint_path.resolve()), "tokenizer": str(tokenizer_path.resolve()),
+             "shards": str(shard_folder), "run_folder": str(run_folder),
+             "workers": [{"pid": w.process.pid, "endpoint": w.endpoint} for w in started]}
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps(state, indent=2))
+    return state
+
+
+def read_cluster_state(state_file: Path) -> dict:
+    try:
+        state = json.loads(state_file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{state_file}: no cluster is up (run `llmtp cluster up` first)") from None
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{state_file}: unreadable cluster state ({error})") from None
+    for key in ("tokenizer", "shards", "workers"):
+        if key not in state:
+            raise ConfigError(f"{state_file}: cluster state has no {key!r}")
+    return state
+
+
+def open_cluster_engine(state: dict, n_slots: int = 1, timeout: float = 30.0) -> ClusterEngine:
+    from common.shard_file import load_embedding, load_manifest
+    shard_folder = Path(state["shards"])
+    manifest = load_manifest(shard_folder)
+    return ClusterEngine(manifest.config, load_embedding(shard_folder),
+                         [worker["endpoint"] for worker in state["workers"]], manifest.model_sha256,
+                         n_slots=n_slots, timeout=timeout)
+
+
+def cluster_down(state_file: Path) -> int:
+    """Stop the workers of the state file (SIGTERM, then SIGKILL); returns how many were running."""
+    state = read_cluster_state(state_file)
+    pids = [worker["pid"] for worker in state["workers"] if _is_our_worker(worker["pid"])]
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while any(_is_our_worker(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in pids:
+        if _is_our_worker(pid):
+            os.kill(pid, signal.SIGKILL)
+    state_file.unlink(missing_ok=True)  # the workers' logs stay in the run folder
+    return len(pids)
+
+
+def _is_our_worker(pid: int) -> bool:
+    """Alive and still a worker (the pid was not recycled by something else)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            cmdline = handle.read()
+        with open(f"/proc/{pid}/stat") as handle:
+            if handle.read().split(")")[-1].split()[0] == "Z":
+                return False
+    except OSError:
+        return False
+    return b"worker" in cmdline

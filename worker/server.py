@@ -1,0 +1,240 @@
+"""A worker: serves one slice of the model to one coordinator session at a time.
+
+States: idle (waiting for HELLO) -> serving (a coordinator's session) -> idle on BYE,
+on a HELLO from a new coordinator (the old one is presumed gone), or when a
+reduction does not arrive in time. Bad input is logged in one line and dropped.
+"""
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import zmq
+
+from common import protocol
+from common.errors import LlmtpError, ProtocolError
+from common.protocol import Message, field_of
+from common.shard_file import Shard
+from common.transformer import SliceModel, StepSequence
+
+POLL_TICK_MS = 500
+
+
+class SessionLost(Exception):
+    """The coordinator of the current session went quiet or was replaced."""
+
+
+@dataclass
+class WorkerOptions:
+    bind: str
+    announce_file: str | None = None  # where to write the bound endpoint (for tcp://host:* binds)
+    parent_pid: int | None = None  # exit when this process is gone (local clusters)
+    reduce_timeout: float = 60.0  # seconds to wait for a REDUCED before dropping the session
+    max_message_bytes: int = 0  # 0 = derived from the model's size
+
+
+class Worker:
+    def __init__(self, shard: Shard, options: WorkerOptions):
+        self.shard = shard
+        self.options = options
+        self.name = f"worker {shard.spec.index}/{shard.spec.count}"
+        self.model: SliceModel | None = None
+        self.peer: bytes | None = None  # identity of the coordinator in session
+        self.step_id = 0
+        self.sync = 0
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, options.max_message_bytes or self._max_message_bytes())
+        self.socket.bind(options.bind)
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def _max_message_bytes(self) -> int:
+        config = self.shard.config
+        return 16 * config.seq_len * config.dim * 4 + (1 << 20)
+
+    def announce(self) -> None:
+        if self.options.announce_file:
+            temporary = self.options.announce_file + ".tmp"
+            with open(temporary, "w") as handle:
+                handle.write(self.endpoint)
+            os.replace(temporary, self.options.announce_file)
+        self.log(f"listening on {self.endpoint}")
+
+    def log(self, text: str) -> None:
+        print(f"llmtp {self.name}: {text}", file=sys.stderr, flush=True)
+
+    def serve_forever(self) -> None:
+        self.announce()
+        try:
+            while True:
+                message, identity = self.receive(POLL_TICK_MS)
+                if message is None:
+                    continue
+                if not self.dispatch(message, identity):
+                    return
+        finally:
+            self.socket.close(linger=0)
+            self.context.term()
+
+    def receive(self, timeout_ms: int) -> tuple[Message | None, bytes | None]:
+        """One decoded message, or (None, None) on timeout or junk. Exits if the parent is gone."""
+        if not self.socket.poll(timeout_ms):
+            self.check_parent()
+            return None, None
+        frames = self.socket.recv_multipart(copy=False)
+        identity = frames[0].bytes
+        try:
+            return protocol.decode(frames[1:]), identity
+        except ProtocolError as error:
+            self.log(f"dropped a malformed message: {error}")
+            return None, None
+
+    def check_parent(self) -> None:
+        if self.options.parent_pid and os.getppid() != self.options.parent_pid:
+            self.log("coordinator process is gone; exiting")
+            sys.exit(0)
+
+    def dispatch(self, message: Message, identity: bytes) -> bool:
+        """Handle one message outside a step; False means exit."""
+        try:
+            if message.kind == protocol.HELLO:
+                self.on_hello(message, identity)
+            elif message.kind == protocol.PING:
+                self.reply(identity, protocol.PONG, self.stats())
+            elif identity != self.peer:
+                self.refuse(identity, f"{message.kind.decode()} from a peer that has no session")
+            elif message.kind == protocol.STEP:
+                self.on_step(message)
+            elif message.kind == protocol.BYE:
+                self.peer = None
+            elif message.kind == protocol.SHUTDOWN:
+                return False
+            else:
+                self.refuse(identity, f"unexpected {message.kind.decode()} while idle")
+        except ProtocolError as error:
+            self.refuse(identity, str(error))
+        except SessionLost as error:
+            self.log(f"session dropped: {error}")
+            self.peer = None
+        return True
+
+    def on_hello(self, message: Message, identity: bytes) -> None:
+        expected = {"protocol_version": protocol.PROTOCOL_VERSION, "model_sha256": self.shard.model_sha256,
+                    "shard_index": self.shard.spec.index, "n_shards": self.shard.spec.count}
+        for name, value in expected.items():
+            if message.header.get(name) != value:
+                raise ProtocolError(f"handshake refused: {name} is {message.header.get(name)!r}, "
+                                    f"this worker has {value!r}")
+        n_slots = field_of(message, "n_slots", int)
+        if not 1 <= n_slots <= 1024:
+            raise ProtocolError(f"handshake refused: n_slots {n_slots} outside 1..1024")
+        if self.model is None or self.model.cache.n_slots != n_slots:
+            self.model = SliceModel(self.shard.config, self.shard.spec, self.shard.weights, n_slots)
+        if self.peer is not None and self.peer != identity:
+            self.log("a new coordinator connected; the previous session is dropped")
+        self.peer = identity
+        self.reply(identity, protocol.READY, {
+            "shard_index": self.shard.spec.index, "n_shards": self.shard.spec.count,
+            "spec": self.shard.spec.to_dict(), "pid": os.getpid(), **self.stats()})
+
+    def on_step(self, message: Message) -> None:
+        self.step_id = field_of(message, "step_id", int)
+        raw_sequences = field_of(message, "sequences", list)
+        if len(message.arrays) != 1 or message.arrays[0].ndim != 2 or \
+                message.arrays[0].shape[1] != self.shard.config.dim:
+            raise ProtocolError(f"STEP needs one (tokens, {self.shard.config.dim}) array")
+        try:
+            sequences = [StepSequence(*(int(v) for v in seq)) for seq in raw_sequences]
+        except (TypeError, ValueError):
+            raise ProtocolError(f"STEP sequences must be [slot, start_position, n_tokens] lists") from None
+        self.sync = 0
+        single = self.shard.spec.count == 1
+        logits = self.model.forward(message.arrays[0], sequences,
+                                    allreduce=(lambda partial: partial) if single else self.allreduce,
+                                    all_logits=bool(message.header.get("all_logits", False)))
+        self.reply(self.peer, protocol.LOGITS, {"step_id": self.step_id}, [logits])
+
+    def allreduce(self, partial):
+        """Send this worker's partial sum, wait for the coordinator's total."""
+        self.reply(self.peer, protocol.PARTIAL, {"step_id": self.step_id, "sync": self.sync}, [partial])
+        deadline = time.monotonic() + self.options.reduce_timeout
+        while True:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0:
+                raise SessionLost(f"no REDUCED for step {self.step_id} sync {self.sync} "
+                                  f"within {self.options.reduce_timeout:g} s")
+            message, identity = self.receive(min(remaining_ms, POLL_TICK_MS))
+            if message is None:
+                continue
+            if message.kind == protocol.PING:
+                self.reply(identity, protocol.PONG, self.stats())
+            elif identity != self.peer:
+                if message.kind == protocol.HELLO:
+                    self.on_hello(message, identity)
+                    raise SessionLost("a new coordinator took over mid-step")
+                self.refuse(identity, f"{message.kind.decode()} from a peer that has no session")
+            elif message.kind == protocol.REDUCED:
+                if message.header.get("step_id") != self.step_id or message.header.get("sync") != self.sync \
+                        or len(message.arrays) != 1 or message.arrays[0].shape != partial.shape:
+                    raise ProtocolError(f"REDUCED does not match step {self.step_id} sync {self.sync}")
+                self.sync += 1
+                return message.arrays[0]
+            elif message.kind in (protocol.BYE, protocol.HELLO):
+                if message.kind == protocol.HELLO:
+                    self.on_hello(message, identity)
+                raise SessionLost(f"{message.kind.decode()} arrived mid-step")
+            else:
+                raise ProtocolError(f"unexpected {message.kind.decode()} in step {self.step_id}")
+
+    def reply(self, identity: bytes, kind: bytes, header: dict | None = None, arrays: list | None = None):
+        protocol.send(self.socket, kind, header, arrays, prefix=[identity])
+
+    def refuse(self, identity: bytes, text: str) -> None:
+        self.log(text)
+        self.reply(identity, protocol.ERROR, {"message": f"{self.name}: {text}"})
+
+    def stats(self) -> dict:
+        return {"rss_bytes": resident_bytes("VmRSS"), "peak_rss_bytes": resident_bytes("VmHWM"),
+                "shard_bytes": self.shard.n_bytes,
+                "kv_cache_bytes": self.model.cache.n_bytes if self.model else 0}
+
+
+def resident_bytes(field_name: str) -> int:
+    """VmRSS / VmHWM of this process from /proc (0 where there is no /proc)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGTERM us when the launching process dies (even by kill -9)."""
+    try:
+        import ctypes
+        import signal
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent check in the poll loop still catches it within a tick
+
+
+def run_worker(shard_path: str, options: WorkerOptions, verify_manifest: bool = False) -> int:
+    from common.shard_file import load_shard
+    if options.parent_pid:
+        die_with_parent()
+        if os.getppid() != options.parent_pid:
+            return 0
+    shard = load_shard(shard_path)
+    try:
+        worker = Worker(shard, options)
+    except zmq.ZMQError as error:
+        raise LlmtpError(f"cannot bind {options.bind}: {error}") from None
+    worker.serve_forever()
+    return 0
