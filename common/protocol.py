@@ -8,6 +8,7 @@ Never pickle. Anything that does not fit raises ProtocolError, so a worker can l
 one line and keep serving.
 """
 
+import math
 from dataclasses import dataclass, field
 
 import msgpack
@@ -89,7 +90,7 @@ def _array(kind: bytes, descriptor, frame) -> np.ndarray:
     dtype = np.dtype(ARRAY_DTYPES[descriptor[0]])
     shape = tuple(descriptor[1])
     buffer = _buffer(frame)
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize
     if len(buffer) != expected:
         raise ProtocolError(f"{kind.decode()} array {shape} needs {expected} bytes, frame has {len(buffer)}")
     return np.frombuffer(buffer, dtype=dtype).reshape(shape)

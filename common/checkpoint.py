@@ -1,0 +1,333 @@
+"""llama2.c checkpoint files, versions 0, 1 and 2: memory-mapped loading, writing, inspection.
+
+Layouts (little-endian throughout):
+- version 0: 7 int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len;
+  vocab_size < 0 means a separate classifier), then fp32: token embeddings, attention norms,
+  wq, wk, wv, wo, ffn norms, w1, w2, w3 (each for all layers), final norm, the RoPE cos and
+  sin tables (seq_len x head_dim/2 each; unused here), classifier if separate.
+- version 1: 256-byte header (uint32 magic 0x616b3432, int32 version, the 7 int32 params,
+  uint8 shared_classifier, zero padding); then fp32: attention norms, ffn norms, final norm,
+  token embeddings, wq, wk, wv, wo, w1, w2, w3 (each for all layers), classifier if separate.
+- version 2: as version 1, plus an int32 group_size right after shared_classifier; the norms
+  in fp32, then each matrix in the version-1 order as its int8 values immediately followed
+  by its fp32 scales (llama2.c runq.c init_quantized_tensors).
+
+One table, `tensor_layout`, gives the order, shape and encoding of every tensor; the loader,
+the size check, the writer and `describe_checkpoint` all walk it.
+"""
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass, fields
+from math import prod
+from pathlib import Path
+
+import numpy as np
+
+from .config import ROPE_THETA, ModelConfig
+from .errors import ConfigError, FormatError
+from .quantize import (as_float32, check_group_size, default_group_size, group_size_problem,
+                       quantize_q80, valid_group_sizes)
+from .weights import LayerWeights, ModelWeights, QuantizedMatrix
+
+__all__ = ["Checkpoint", "TensorSpec", "load_checkpoint", "write_checkpoint", "convert_checkpoint",
+           "describe_checkpoint", "tensor_layout", "checkpoint_size", "rope_tables",
+           "valid_group_sizes", "default_group_size", "VERSIONS", "MAGIC"]
+
+MAGIC = 0x616B3432  # "ak42"
+VERSIONS = (0, 1, 2)
+HEADER_BYTES = {0: 28, 1: 256, 2: 256}
+V0_HEADER = struct.Struct("<7i")  # dim, hidden_dim, n_layers, n_heads, n_kv_heads, +-vocab_size, seq_len
+V1_HEADER = struct.Struct("<Ii7iB")  # magic, version, the 7 params, shared_classifier
+GROUP_SIZE_FIELD = struct.Struct("<i")  # version 2 only, right after V1_HEADER
+PARAM_NAMES = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
+LAYER_FIELDS = tuple(field.name for field in fields(LayerWeights))
+# A headerless first int32 above this is not a plausible version-0 dim: the magic is wrong.
+MAX_V0_DIM = 1 << 20
+
+FORMAT_NAMES = {
+    0: "llama2.c version 0 (legacy: no magic, fp32, RoPE tables)",
+    1: "llama2.c version 1 (fp32)",
+    2: "llama2.c version 2 (int8 Q8_0 matrices, fp32 norms)",
+}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    version: int  # 0, 1 or 2
+    config: ModelConfig
+    weights: ModelWeights  # arrays are read-only views into the memory-mapped file
+    group_size: int | None  # Q8_0 group size, version 2 only
+    n_bytes: int  # file size
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor as stored. encoding: 'f32', 'q8_0' (int8 values then fp32 scales), or
+    'rope' (fp32 table that version 0 stores and nothing reads)."""
+
+    name: str  # "token_embedding", "layers.3.wq", "final_norm", "classifier", "rope_cos", "rope_sin"
+    shape: tuple[int, ...]
+    encoding: str
+
+    @property
+    def size(self) -> int:
+        return prod(self.shape)
+
+    def n_bytes(self, group_size: int | None) -> int:
+        if self.encoding == "q8_0":
+            return self.size + 4 * (self.size // group_size)
+        return 4 * self.size
+
+
+def tensor_layout(config: ModelConfig, version: int) -> list[TensorSpec]:
+    """Every tensor of a version-`version` file, in file order."""
+    dim, hidden, kv_dim = config.dim, config.hidden_dim, config.kv_dim
+    matrix = "q8_0" if version == 2 else "f32"
+    shapes = {"attn_norm": (dim,), "ffn_norm": (dim,), "wq": (dim, dim), "wk": (kv_dim, dim),
+              "wv": (kv_dim, dim), "wo": (dim, dim), "w1": (hidden, dim), "w2": (dim, hidden),
+              "w3": (hidden, dim)}
+
+    def every_layer(*names: str) -> list[TensorSpec]:  # one name for all layers, then the next
+        return [TensorSpec(f"layers.{i}.{name}", shapes[name], "f32" if name.endswith("norm") else matrix)
+                for name in names for i in range(config.n_layers)]
+
+    embedding = [TensorSpec("token_embedding", (config.vocab_size, dim), matrix)]
+    final_norm = [TensorSpec("final_norm", (dim,), "f32")]
+    classifier = [] if config.shared_classifier else [
+        TensorSpec("classifier", (config.vocab_size, dim), matrix)]
+    if version == 0:
+        rope = [TensorSpec(name, (config.seq_len, config.head_dim // 2), "rope")
+                for name in ("rope_cos", "rope_sin")]
+        return (embedding + every_layer("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3")
+                + final_norm + rope + classifier)
+    return (every_layer("attn_norm", "ffn_norm") + final_norm + embedding
+            + every_layer("wq", "wk", "wv", "wo", "w1", "w2", "w3") + classifier)
+
+
+def checkpoint_size(config: ModelConfig, version: int, group_size: int | None = None) -> int:
+    """The exact file size in bytes that a header with these values implies."""
+    return HEADER_BYTES[version] + sum(spec.n_bytes(group_size) for spec in tensor_layout(config, version))
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Validate the header and the exact file size, then map the file: no tensor is copied."""
+    path = Path(path)
+    try:
+        n_bytes = path.stat().st_size
+        with open(path, "rb") as file:
+            head = file.read(HEADER_BYTES[1])
+            version, config, group_size = _parse_header(path, head, n_bytes)
+            expected = checkpoint_size(config, version, group_size)
+            if n_bytes != expected:
+                problem = "truncated" if n_bytes < expected else "trailing bytes"
+                raise FormatError(f"{path}: size {n_bytes} bytes, header implies {expected} ({problem})")
+            buffer = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as error:
+        raise FormatError(f"{path}: cannot read checkpoint: {error.strerror or error}") from None
+    tensors = {}
+    offset = HEADER_BYTES[version]
+    for spec in tensor_layout(config, version):
+        if spec.encoding != "rope":
+            tensors[spec.name] = _view(buffer, offset, spec, group_size)
+        offset += spec.n_bytes(group_size)
+    return Checkpoint(path, version, config, _assemble(config, tensors), group_size, n_bytes)
+
+
+def _parse_header(path: Path, head: bytes, n_bytes: int) -> tuple[int, ModelConfig, int | None]:
+    """(version, config, group_size) from the first bytes of the file; FormatError if wrong."""
+    if len(head) < 4:
+        raise FormatError(f"{path}: size {n_bytes} bytes, shorter than the "
+                          f"{HEADER_BYTES[0]}-byte version-0 header")
+    (magic,) = struct.unpack_from("<I", head)
+    if magic == MAGIC:
+        return _parse_v1_header(path, head, n_bytes)
+    (first,) = struct.unpack_from("<i", head)
+    if first > MAX_V0_DIM:
+        raise FormatError(f"{path}: magic 0x{magic:08x}, expected 0x{MAGIC:08x} "
+                          f"(nor is it a version-0 file: dim {first} is implausible)")
+    if len(head) < V0_HEADER.size:
+        raise FormatError(f"{path}: size {n_bytes} bytes, shorter than the "
+                          f"{HEADER_BYTES[0]}-byte version-0 header")
+    dim, hidden_dim, n_layers, n_heads, n_kv_heads, signed_vocab, seq_len = V0_HEADER.unpack_from(head)
+    config = ModelConfig(dim, hidden_dim, n_layers, n_heads, n_kv_heads, abs(signed_vocab), seq_len,
+                         shared_classifier=signed_vocab > 0)
+    config.validate(str(path))
+    return 0, config, None
+
+
+def _parse_v1_header(path: Path, head: bytes, n_bytes: int) -> tuple[int, ModelConfig, int | None]:
+    if len(head) < HEADER_BYTES[1]:
+        raise FormatError(f"{path}: size {n_bytes} bytes, shorter than the "
+                          f"{HEADER_BYTES[1]}-byte version-1/2 header")
+    _, version, *params, shared = V1_HEADER.unpack_from(head)
+    if version not in (1, 2):
+        raise FormatError(f"{path}: version {version} after magic 0x{MAGIC:08x}, expected 1 or 2")
+    if shared not in (0, 1):
+        raise FormatError(f"{path}: shared_classifier byte {shared}, expected 0 or 1")
+    config = ModelConfig(*params, shared_classifier=bool(shared))
+    config.validate(str(path))
+    if version == 1:
+        return 1, config, None
+    (group_size,) = GROUP_SIZE_FIELD.unpack_from(head, V1_HEADER.size)
+    problem = group_size_problem(config, group_size)
+    if problem:
+        allowed = ", ".join(str(size) for size in valid_group_sizes(config))
+        raise FormatError(f"{path}: {problem} (expected one of {allowed})")
+    return 2, config, group_size
+
+
+def _view(buffer: mmap.mmap, offset: int, spec: TensorSpec, group_size: int | None):
+    """A read-only array (or QuantizedMatrix of two arrays) over the mapped bytes at `offset`."""
+    if spec.encoding == "q8_0":
+        values = np.frombuffer(buffer, np.int8, spec.size, offset).reshape(spec.shape)
+        scales = np.frombuffer(buffer, "<f4", spec.size // group_size, offset + spec.size)
+        return QuantizedMatrix(values=values, scales=scales, group_size=group_size)
+    return np.frombuffer(buffer, "<f4", spec.size, offset).reshape(spec.shape)
+
+
+def _assemble(config: ModelConfig, tensors: dict) -> ModelWeights:
+    layers = [LayerWeights(**{name: tensors[f"layers.{i}.{name}"] for name in LAYER_FIELDS})
+              for i in range(config.n_layers)]
+    embedding = tensors["token_embedding"]
+    classifier = embedding if config.shared_classifier else tensors["classifier"]
+    return ModelWeights(token_embedding=embedding, layers=layers, final_norm=tensors["final_norm"],
+                        classifier=classifier)
+
+
+def _tensor(weights: ModelWeights, name: str):
+    """The tensor a TensorSpec name refers to."""
+    if name.startswith("layers."):
+        _, index, field = name.split(".")
+        return getattr(weights.layers[int(index)], field)
+    return getattr(weights, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def write_checkpoint(path: str | os.PathLike, config: ModelConfig, weights: ModelWeights, version: int,
+                     group_size: int | None = None) -> Path:
+    """Write a version 0/1 (fp32) or 2 (Q8_0) file, one tensor at a time.
+
+    Version 2 re-uses quantized source matrices that already have the requested group size
+    (default: the source's, else `default_group_size`); versions 0 and 1 dequantize them.
+    The file appears under `path` only once complete, so converting a file onto itself is safe.
+    """
+    path = Path(path)
+    group_size = _output_group_size(config, weights, version, group_size)
+    if config.shared_classifier and weights.classifier is not weights.token_embedding:
+        raise ValueError("config says shared_classifier but weights.classifier is not token_embedding")
+    rope = dict(zip(("rope_cos", "rope_sin"), rope_tables(config))) if version == 0 else {}
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with open(partial, "wb") as out:
+            out.write(_encode_header(config, version, group_size))
+            for spec in tensor_layout(config, version):
+                tensor = rope[spec.name] if spec.encoding == "rope" else _tensor(weights, spec.name)
+                _write_tensor(out, spec, tensor, group_size)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _output_group_size(config: ModelConfig, weights: ModelWeights, version: int,
+                       group_size: int | None) -> int | None:
+    if version not in VERSIONS:
+        raise ConfigError(f"checkpoint version {version} is not supported; allowed: 0, 1, 2")
+    if version != 2:
+        if group_size is not None:
+            raise ConfigError(f"group size {group_size} applies only to version 2, not version {version}")
+        return None
+    if group_size is None:
+        source = weights.token_embedding
+        group_size = source.group_size if isinstance(source, QuantizedMatrix) else default_group_size(config)
+    check_group_size(config, group_size)
+    return group_size
+
+
+def _encode_header(config: ModelConfig, version: int, group_size: int | None) -> bytes:
+    params = [getattr(config, name) for name in PARAM_NAMES]
+    if version == 0:
+        params[PARAM_NAMES.index("vocab_size")] *= 1 if config.shared_classifier else -1
+        return V0_HEADER.pack(*params)
+    head = V1_HEADER.pack(MAGIC, version, *params, int(config.shared_classifier))
+    if version == 2:
+        head += GROUP_SIZE_FIELD.pack(group_size)
+    return head.ljust(HEADER_BYTES[version], b"\0")
+
+
+def _write_tensor(out, spec: TensorSpec, tensor, group_size: int | None) -> None:
+    if tuple(tensor.shape) != spec.shape:
+        raise ValueError(f"{spec.name}: shape {tuple(tensor.shape)}, config implies {spec.shape}")
+    if spec.encoding != "q8_0":
+        out.write(np.ascontiguousarray(as_float32(tensor), dtype="<f4").data)
+        return
+    if not (isinstance(tensor, QuantizedMatrix) and tensor.group_size == group_size):
+        tensor = quantize_q80(as_float32(tensor), group_size)
+    out.write(np.ascontiguousarray(tensor.values, dtype=np.int8).data)
+    out.write(np.ascontiguousarray(tensor.scales, dtype="<f4").data)
+
+
+def rope_tables(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The cos and sin tables a version-0 file stores, (seq_len, head_dim/2) each, as llama2.c's
+    model.py computes them: freq_i = 1 / theta^(2i/head_dim), angle = pos * freq_i (float32)."""
+    head_dim = config.head_dim
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32)[: head_dim // 2] / np.float32(head_dim)
+    freqs = np.float32(1.0) / np.power(np.float32(ROPE_THETA), exponents)
+    angles = np.outer(np.arange(config.seq_len, dtype=np.float32), freqs).astype(np.float64)
+    # cos/sin rounded once to float32; torch's float32 kernels may differ in the last bit
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def convert_checkpoint(in_path: str | os.PathLike, out_path: str | os.PathLike, version: int,
+                       group_size: int | None = None) -> Checkpoint:
+    """`llmtp convert IN OUT --version V [--group-size G]`: returns the written file, loaded."""
+    source = load_checkpoint(in_path)
+    write_checkpoint(out_path, source.config, source.weights, version, group_size)
+    return load_checkpoint(out_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# inspection
+
+
+def describe_checkpoint(ckpt: Checkpoint) -> str:
+    """Multi-line text for `llmtp inspect`."""
+    config = ckpt.config
+    lines = [f"path:          {ckpt.path}",
+             f"format:        {FORMAT_NAMES[ckpt.version]}",
+             f"group size:    {ckpt.group_size if ckpt.group_size else '- (not quantized)'}"]
+    lines += [f"{name + ':':<15}{getattr(config, name)}" for name in PARAM_NAMES]
+    lines += [f"head_dim:      {config.head_dim}",
+              f"kv_dim:        {config.kv_dim} ({config.kv_mul} query heads per kv head)",
+              f"classifier:    {'shared with token_embedding' if config.shared_classifier else 'separate'}",
+              "tensors:"]
+    lines += _tensor_table(tensor_layout(config, ckpt.version), config.n_layers, ckpt.group_size)
+    lines += [f"parameters:    {config.n_params():,}",
+              f"file bytes:    {ckpt.n_bytes:,}"]
+    return "\n".join(lines)
+
+
+def _tensor_table(layout: list[TensorSpec], n_layers: int, group_size: int | None) -> list[str]:
+    """One row per tensor, a per-layer tensor listed once for all layers, in file order."""
+    rows: dict[str, list] = {}  # display name -> [spec, total bytes]
+    every = f"layers.{{0..{n_layers - 1}}}." if n_layers > 1 else "layers.0."
+    for spec in layout:
+        name = every + spec.name.split(".")[2] if spec.name.startswith("layers.") else spec.name
+        rows.setdefault(name, [spec, 0])[1] += spec.n_bytes(group_size)
+    dtypes = {"f32": "float32", "rope": "float32 (unused)",
+              "q8_0": f"int8, float32 scale per {group_size}"}
+    width = max(len(name) for name in rows)
+    header = f"  {'name':<{width}}  {'shape':<14}{'dtype':<30}{'bytes':>12}"
+    return [header] + [f"  {name:<{width}}  {str(spec.shape):<14}{dtypes[spec.encoding]:<30}{n_bytes:>12,}"
+                       for name, (spec, n_bytes) in rows.items()]

@@ -1,0 +1,70 @@
+"""llama2.c Q8_0 quantization and the group-size rules that go with it.
+
+A weight matrix (rows, cols) is cut into groups of `group_size` consecutive values
+along each row; each group keeps one float32 scale = max|w| / 127 and int8 values
+q = round(w / scale), so w ~= q * scale with |error| <= scale / 2.
+"""
+
+from math import gcd
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import ConfigError
+from .weights import QuantizedMatrix
+
+Q_MAX = 127.0
+MAX_DEFAULT_GROUP_SIZE = 64
+
+
+def valid_group_sizes(config: ModelConfig) -> list[int]:
+    """Group sizes that divide every quantized row length: dim (= n_heads * head_dim) and hidden_dim.
+
+    A group never straddles two rows, so any row or column slice of a matrix
+    (a worker's shard) still holds whole groups when cut on group boundaries.
+    """
+    common = gcd(config.dim, config.hidden_dim)
+    return [size for size in range(1, common + 1) if common % size == 0]
+
+
+def default_group_size(config: ModelConfig) -> int:
+    """The largest valid group size not above 64 (llama2.c's default)."""
+    return max(size for size in valid_group_sizes(config) if size <= MAX_DEFAULT_GROUP_SIZE)
+
+
+def group_size_problem(config: ModelConfig, group_size: int) -> str | None:
+    """Why `group_size` cannot be used with `config`, or None if it can."""
+    if group_size <= 0:
+        return f"group_size must be positive, got {group_size}"
+    for name in ("dim", "hidden_dim"):
+        length = getattr(config, name)
+        if length % group_size:
+            return f"group_size {group_size} does not divide {name} {length}"
+    return None
+
+
+def check_group_size(config: ModelConfig, group_size: int) -> None:
+    """Raise ConfigError naming the allowed values when `group_size` is unusable."""
+    problem = group_size_problem(config, group_size)
+    if problem:
+        allowed = ", ".join(str(size) for size in valid_group_sizes(config))
+        raise ConfigError(f"{problem}; allowed group sizes: {allowed}")
+
+
+def quantize_q80(w: np.ndarray, group_size: int) -> QuantizedMatrix:
+    """(rows, cols) float -> Q8_0, computed in float32 like llama2.c's export.py quantize_q80."""
+    rows, cols = w.shape
+    assert cols % group_size == 0, f"cols {cols} not divisible by group_size {group_size}"
+    groups = np.asarray(w, dtype=np.float32).reshape(-1, group_size)
+    scales = (np.abs(groups).max(axis=1) / np.float32(Q_MAX)).astype(np.float32)
+    # an all-zero group has scale 0: store zeros instead of 0/0
+    safe = np.where(scales > 0, scales, np.float32(1.0))
+    values = np.rint(groups / safe[:, None]).astype(np.int8)
+    return QuantizedMatrix(values=values.reshape(rows, cols), scales=scales, group_size=group_size)
+
+
+def as_float32(matrix) -> np.ndarray:
+    """An fp32 array for either an ndarray or a QuantizedMatrix (dequantized)."""
+    if isinstance(matrix, QuantizedMatrix):
+        return matrix.dequantize()
+    return np.asarray(matrix, dtype=np.float32)
