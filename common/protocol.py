@@ -52,7 +52,7 @@ def encode(kind: bytes, header: dict | None = None, arrays: list | None = None) 
     frames = [kind, msgpack.packb(header, use_bin_type=True)]
     for array in arrays:
         assert array.dtype == np.float32, array.dtype
-        frames.append(memoryview(np.ascontiguousarray(array)).cast("B"))
+        frames.append(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
     return frames
 
 

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("output")
     conv.add_argument("--version", type=int, choices=(0, 1, 2), required=True)
     conv.add_argument("--group-size", type=int, default=None, help="int8 group size for version 2 "
-                      "(default: the largest that divides every row)")
+                      "(default: the largest <= 64 that divides every row)")
     conv.set_defaults(handler=cmd_convert)
 
     insp = commands.add_parser("inspect", help="print a checkpoint's format, shapes and sizes")

@@ -76,16 +76,17 @@ class ClusterEngine:
         for link in self.links:
             protocol.send(link.socket, protocol.STEP, header, [x])
         if len(self.links) > 1:
-            total = np.empty_like(x)
             for sync in range(2 * self.config.n_layers):
-                self.reduce(sync, total)
+                self.reduce(sync, np.empty_like(x))
         deadline = time.monotonic() + self.timeout
         slices = [self.receive(link, protocol.LOGITS, deadline, f"step {self.step_id}").arrays[0]
                   for link in self.links]
         return np.concatenate(slices, axis=1)
 
     def reduce(self, sync: int, total: np.ndarray) -> None:
-        """Sum every worker's partial for this sync and send the sum back to all."""
+        """Sum every worker's partial for this sync into `total` and send it back to all.
+
+        `total` must be fresh each sync: a zero-copy send may still be reading it."""
         deadline = time.monotonic() + self.timeout
         state = f"step {self.step_id} sync {sync}"
         for position, link in enumerate(self.links):

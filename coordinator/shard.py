@@ -1,0 +1,31 @@
+"""`llmtp shard CHECKPOINT --workers N -o DIR`: cut a checkpoint into per-worker shard files."""
+
+from pathlib import Path
+
+from common.checkpoint import load_checkpoint
+from common.errors import ConfigError
+from common.shard_file import Manifest, write_shards
+
+
+def run_shard(checkpoint_path: str | Path, n_workers: int, out_dir: str | Path, progress: bool = True) -> Manifest:
+    """Write shard-{i}-of-{N}.bin, embedding.bin and manifest.json into `out_dir`."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    if not 1 <= n_workers <= checkpoint.config.n_heads:
+        raise ConfigError(f"--workers must be between 1 and n_heads={checkpoint.config.n_heads}, got {n_workers}")
+    return write_shards(checkpoint, n_workers, out_dir, progress=progress)
+
+
+def describe_manifest(manifest: Manifest) -> str:
+    """A few lines for the CLI to print after sharding."""
+    config = manifest.config
+    encoding = f"int8 (group {manifest.group_size})" if manifest.group_size else "float32"
+    lines = [f"{manifest.source_path}: {config.n_layers} layers, {config.n_heads} heads "
+             f"({config.n_kv_heads} kv), {encoding}, sha256 {manifest.source_sha256[:16]}",
+             f"{manifest.n_workers} shards in {manifest.directory}:"]
+    for entry in manifest.shards:
+        spec = entry.spec
+        lines.append(f"  {entry.file}: heads {spec.heads[0]}..{spec.heads[1] - 1}, "
+                     f"kv heads {spec.kv_heads[0]}..{spec.kv_heads[1] - 1}, hidden {spec.hidden[0]}..{spec.hidden[1]}, "
+                     f"vocab {spec.vocab[0]}..{spec.vocab[1]}, {entry.n_bytes:,} bytes")
+    lines.append(f"  {manifest.embedding.file}: {manifest.embedding.n_bytes:,} bytes")
+    return "\n".join(lines)
