@@ -6,3 +6,23 @@ from pathlib import Path
 TESTS_DIR = str(Path(__file__).resolve().parent)
 if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)
+
+import os
+import tempfile
+
+import pytest
+
+# Shard caches and cluster state of the tests go to a throwaway folder, never ~/.cache.
+os.environ.setdefault("LLMTP_CACHE_DIR", tempfile.mkdtemp(prefix="llmtp-test-cache-"))
+
+SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
+
+
+@pytest.fixture(scope="session")
+def stories260k():
+    """Paths of the stories260K model and its tokenizers, or a skip when shared/ is absent."""
+    folder = SHARED_MODELS / "stories260K"
+    if not (folder / "stories260K.bin").exists():
+        pytest.skip(f"{folder} is absent (the real test models live beside the project in shared/models)")
+    return {"model": folder / "stories260K.bin", "tokenizer": folder / "tok512.bin",
+            "sp_model": folder / "tok512.model", "reference": folder / "REFERENCE.md"}
