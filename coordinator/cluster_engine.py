@@ -30,6 +30,7 @@ class WorkerLink:
     process: object | None = None  # subprocess.Popen when this coordinator started the worker
     exit_fd: int | None = None  # pidfd that becomes readable when that process exits
     info: dict | None = None  # the READY header
+    poller: zmq.Poller | None = None  # this socket plus every worker's exit fd
 
     @property
     def name(self) -> str:
@@ -52,11 +53,14 @@ class ClusterEngine:
             socket.connect(endpoint)
             process = processes[index] if processes else None
             self.links.append(WorkerLink(index, endpoint, socket, process, _exit_fd(process)))
-        self.poller = zmq.Poller()
+        exit_fds = [link.exit_fd for link in self.links if link.exit_fd is not None]
         for link in self.links:
-            self.poller.register(link.socket, zmq.POLLIN)
-            if link.exit_fd is not None:
-                self.poller.register(link.exit_fd, zmq.POLLIN)
+            # Wait on one socket at a time (others may hold ready messages we are not
+            # reading yet, which would make a shared poller spin), but on every exit fd.
+            link.poller = zmq.Poller()
+            link.poller.register(link.socket, zmq.POLLIN)
+            for fd in exit_fds:
+                link.poller.register(fd, zmq.POLLIN)
         self.handshake(model_sha256, n_slots)
 
     def handshake(self, model_sha256: str, n_slots: int) -> None:
@@ -106,19 +110,20 @@ class ClusterEngine:
         """The next message from `link`, which must be `kind`; WorkerError on a dead or silent
         worker or an ERROR reply, naming the worker and what we were waiting for."""
         while True:
-            if link.socket.poll(0):
-                message = protocol.decode(link.socket.recv_multipart(copy=False))
-                if message.kind == protocol.ERROR:
-                    raise WorkerError(f"{link.name}: {message.header.get('message', 'error')}")
-                if message.kind != kind:
-                    raise ProtocolError(f"{link.name} sent {message.kind.decode()} during {state}, "
-                                        f"expected {kind.decode()}")
-                return message
-            self.check_processes()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise WorkerError(f"{link.name} sent no {kind.decode()} within {self.timeout:g} s ({state})")
-            self.poller.poll(min(remaining, 1.0) * 1000)
+            ready = dict(link.poller.poll(min(remaining, 1.0) * 1000))
+            if link.socket not in ready:
+                self.check_processes()  # an exit fd fired, or a quiet second passed
+                continue
+            message = protocol.decode(link.socket.recv_multipart(copy=False))
+            if message.kind == protocol.ERROR:
+                raise WorkerError(f"{link.name}: {message.header.get('message', 'error')}")
+            if message.kind != kind:
+                raise ProtocolError(f"{link.name} sent {message.kind.decode()} during {state}, "
+                                    f"expected {kind.decode()}")
+            return message
 
     def check_processes(self) -> None:
         for link in self.links:

@@ -163,7 +163,7 @@ def open_local_engine(shard_folder: Path, n_workers: int, n_slots: int = 1, time
     run_folder = Path(tempfile.mkdtemp(prefix="llmtp-run-"))
     started = start_workers(shard_folder, n_workers, run_folder, tied_to_us=True)
     return LocalClusterEngine(manifest.config, load_embedding(shard_folder), [w.endpoint for w in started],
-                              manifest.model_sha256, n_slots=n_slots, timeout=timeout,
+                              manifest.source_sha256, n_slots=n_slots, timeout=timeout,
                               processes=[w.process for w in started], run_folder=run_folder)
 
 
@@ -205,7 +205,7 @@ def open_cluster_engine(state: dict, n_slots: int = 1, timeout: float = 30.0) ->
     shard_folder = Path(state["shards"])
     manifest = load_manifest(shard_folder)
     return ClusterEngine(manifest.config, load_embedding(shard_folder),
-                         [worker["endpoint"] for worker in state["workers"]], manifest.model_sha256,
+                         [worker["endpoint"] for worker in state["workers"]], manifest.source_sha256,
                          n_slots=n_slots, timeout=timeout)
 
 

@@ -60,7 +60,8 @@ class Worker:
             with open(temporary, "w") as handle:
                 handle.write(self.endpoint)
             os.replace(temporary, self.options.announce_file)
-        self.log(f"listening on {self.endpoint}")
+        else:
+            self.log(f"listening on {self.endpoint}")
 
     def log(self, text: str) -> None:
         print(f"llmtp {self.name}: {text}", file=sys.stderr, flush=True)
