@@ -1,0 +1,17 @@
+"""Run the installed `llmtp` command as a user would, in a subprocess."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def llmtp_command() -> list[str]:
+    script = Path(sys.executable).parent / "llmtp"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "coordinator.cli"]
+
+
+def run_llmtp(*args, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(llmtp_command() + [str(a) for a in args], capture_output=True, text=True,
+                          timeout=timeout, env=env, **kwargs)
