@@ -3,15 +3,15 @@
 from pathlib import Path
 
 from common.checkpoint import load_checkpoint
-from common.errors import ConfigError
 from common.shard_file import Manifest, write_shards
 
 
 def run_shard(checkpoint_path: str | Path, n_workers: int, out_dir: str | Path, progress: bool = True) -> Manifest:
-    """Write shard-{i}-of-{N}.bin, embedding.bin and manifest.json into `out_dir`."""
+    """Write shard-{i}-of-{N}.bin, embedding.bin and manifest.json into `out_dir`.
+
+    A worker count outside 1..n_heads (or an int8 model whose heads cannot be cut on
+    group boundaries) is a ConfigError raised before anything is written."""
     checkpoint = load_checkpoint(checkpoint_path)
-    if not 1 <= n_workers <= checkpoint.config.n_heads:
-        raise ConfigError(f"--workers must be between 1 and n_heads={checkpoint.config.n_heads}, got {n_workers}")
     return write_shards(checkpoint, n_workers, out_dir, progress=progress)
 
 
