@@ -19,20 +19,24 @@ from .errors import ProtocolError
 PROTOCOL_VERSION = 1
 
 # coordinator -> worker
-HELLO = b"HELLO"  # {protocol_version, model_sha256, shard_index, n_shards, n_slots, session}
+HELLO = b"HELLO"  # {protocol_version, model_sha256, shard_index, n_shards, n_slots, session, reduce}
+PEERS = b"PEERS"  # {endpoints}: every worker's peer inbox, for reduce "peers"; answered CONNECTED
 STEP = b"STEP"  # {step_id, sequences: [[slot, start_position, n_tokens]...], all_logits}; x (T, dim)
 REDUCED = b"REDUCED"  # {step_id, sync}; the sum of every worker's partial (T, dim)
 PING = b"PING"  # {}; answered with PONG {rss_bytes, shard_bytes, kv_cache_bytes, pid}
 BYE = b"BYE"  # {}: the session ends; the worker forgets it and waits for the next HELLO
 SHUTDOWN = b"SHUTDOWN"  # {}: the worker exits
 # worker -> coordinator
-READY = b"READY"  # {shard_index, n_shards, spec, pid, shard_bytes, kv_cache_bytes}
-PARTIAL = b"PARTIAL"  # {step_id, sync}; this worker's partial sum (T, dim)
+READY = b"READY"  # {shard_index, n_shards, spec, pid, peer_port, shard_bytes, kv_cache_bytes}
+CONNECTED = b"CONNECTED"  # {}: peer sockets connected
+PARTIAL = b"PARTIAL"  # {step_id, sync[, session, index]}; a partial sum (T, dim), to the coordinator or a peer
 LOGITS = b"LOGITS"  # {step_id}; this worker's logits slice (rows, vocab_local)
 PONG = b"PONG"
 ERROR = b"ERROR"  # {message}
 
-MESSAGE_TYPES = frozenset({HELLO, STEP, REDUCED, PING, BYE, SHUTDOWN, READY, PARTIAL, LOGITS, PONG, ERROR})
+MESSAGE_TYPES = frozenset({HELLO, PEERS, STEP, REDUCED, PING, BYE, SHUTDOWN,
+                           READY, CONNECTED, PARTIAL, LOGITS, PONG, ERROR})
+REDUCE_MODES = ("peers", "star")  # workers exchange partials directly, or via the coordinator
 ARRAY_DTYPES = {"float32": np.float32}
 ZERO_COPY_MIN_BYTES = 65536  # below this, copying is cheaper than pinning the buffer
 

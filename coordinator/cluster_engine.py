@@ -39,10 +39,15 @@ class WorkerLink:
 
 class ClusterEngine:
     def __init__(self, config: ModelConfig, embedding: Matrix, endpoints: Sequence[str], model_sha256: str,
-                 n_slots: int = 1, timeout: float = 30.0, processes: Sequence | None = None):
+                 n_slots: int = 1, timeout: float = 30.0, processes: Sequence | None = None,
+                 reduce: str = "peers"):
+        """reduce: "peers" (workers exchange partials directly; the default, measured faster)
+        or "star" (through this coordinator). Falls back to star where peers cannot connect."""
+        assert reduce in protocol.REDUCE_MODES, reduce
         self.config = config
         self.embedding = embedding
         self.timeout = timeout
+        self.reduce_mode = reduce if len(endpoints) > 1 else "star"
         self.step_id = 0
         self.context = zmq.Context()
         self.links = []
@@ -64,13 +69,29 @@ class ClusterEngine:
         self.handshake(model_sha256, n_slots)
 
     def handshake(self, model_sha256: str, n_slots: int) -> None:
+        session = uuid.uuid4().hex
         for link in self.links:
             protocol.send(link.socket, protocol.HELLO, {
                 "protocol_version": protocol.PROTOCOL_VERSION, "model_sha256": model_sha256,
-                "shard_index": link.index, "n_shards": len(self.links), "n_slots": n_slots})
+                "shard_index": link.index, "n_shards": len(self.links), "n_slots": n_slots,
+                "session": session, "reduce": self.reduce_mode})
         deadline = time.monotonic() + self.timeout
         for link in self.links:
             link.info = self.receive(link, protocol.READY, deadline, "handshake").header
+        if self.reduce_mode == "peers":
+            self.connect_peers(session)
+
+    def connect_peers(self, session: str) -> None:
+        """Tell every worker where the others' peer inboxes are (at the host we reached it on)."""
+        endpoints = []
+        for link in self.links:
+            host = link.endpoint[len("tcp://"):].rsplit(":", 1)[0]
+            endpoints.append(f"tcp://{host}:{link.info['peer_port']}")
+        for link in self.links:
+            protocol.send(link.socket, protocol.PEERS, {"session": session, "endpoints": endpoints})
+        deadline = time.monotonic() + self.timeout
+        for link in self.links:
+            self.receive(link, protocol.CONNECTED, deadline, "peer connection")
 
     def step(self, tokens: np.ndarray, sequences: Sequence[StepSequence], all_logits: bool = False) -> np.ndarray:
         self.step_id += 1
@@ -79,7 +100,7 @@ class ClusterEngine:
                   "sequences": [[s.slot, s.start_position, s.n_tokens] for s in sequences]}
         for link in self.links:
             protocol.send(link.socket, protocol.STEP, header, [x])
-        if len(self.links) > 1:
+        if self.reduce_mode == "star" and len(self.links) > 1:
             for sync in range(2 * self.config.n_layers):
                 self.reduce(sync, np.empty_like(x))
         deadline = time.monotonic() + self.timeout

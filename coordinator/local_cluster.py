@@ -156,7 +156,8 @@ class LocalClusterEngine(ClusterEngine):
         shutil.rmtree(self.run_folder, ignore_errors=True)
 
 
-def open_local_engine(shard_folder: Path, n_workers: int, n_slots: int = 1, timeout: float = 30.0):
+def open_local_engine(shard_folder: Path, n_workers: int, n_slots: int = 1, timeout: float = 30.0,
+                      reduce: str = "peers"):
     """Start workers for a shard folder and connect to them; close() stops them."""
     from common.shard_file import load_embedding, load_manifest
     manifest = load_manifest(shard_folder)
@@ -164,7 +165,7 @@ def open_local_engine(shard_folder: Path, n_workers: int, n_slots: int = 1, time
     started = start_workers(shard_folder, n_workers, run_folder, tied_to_us=True)
     return LocalClusterEngine(manifest.config, load_embedding(shard_folder), [w.endpoint for w in started],
                               manifest.source_sha256, n_slots=n_slots, timeout=timeout,
-                              processes=[w.process for w in started], run_folder=run_folder)
+                              processes=[w.process for w in started], run_folder=run_folder, reduce=reduce)
 
 
 # `llmtp cluster up / down`: detached workers described by a state file.

@@ -116,3 +116,20 @@ def test_stories260k_every_worker_count_gives_runc_tokens(stories260k, tmp_path)
             assert sampled_tokens(engine, [1], 256, 1.0, 133742) == seeded
         finally:
             engine.close()
+
+
+@pytest.mark.parametrize("n_workers", [2, 5])
+def test_reduce_through_the_coordinator_matches_too(random_checkpoint, tmp_path, n_workers):
+    """The star reduction (coordinator sums) is kept as a fallback; it must agree as well."""
+    config = random_checkpoint.config
+    if n_workers > config.n_heads:
+        pytest.skip("more workers than heads")
+    reference = LocalEngine(config, random_checkpoint.weights)
+    write_shards(random_checkpoint, n_workers, tmp_path, progress=False)
+    engine = open_local_engine(tmp_path, n_workers, reduce="star")
+    try:
+        assert engine.reduce_mode == "star"
+        prompt = [t % config.vocab_size for t in PROMPT]
+        assert_same_as_single_process(engine, reference, prompt, 10, config.vocab_size)
+    finally:
+        engine.close()

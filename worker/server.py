@@ -18,6 +18,8 @@ from common.protocol import Message, field_of
 from common.shard_file import Shard
 from common.transformer import SliceModel, StepSequence
 
+from .peer_exchange import PeerExchange
+
 POLL_TICK_MS = 500
 
 
@@ -30,7 +32,7 @@ class WorkerOptions:
     bind: str
     announce_file: str | None = None  # where to write the bound endpoint (for tcp://host:* binds)
     parent_pid: int | None = None  # exit when this process is gone (local clusters)
-    reduce_timeout: float = 60.0  # seconds to wait for a REDUCED before dropping the session
+    reduce_timeout: float = 60.0  # seconds to wait for a reduction before dropping the session
     max_message_bytes: int = 0  # 0 = derived from the model's size
 
 
@@ -40,15 +42,25 @@ class Worker:
         self.options = options
         self.name = f"worker {shard.spec.index}/{shard.spec.count}"
         self.model: SliceModel | None = None
-        self.peer: bytes | None = None  # identity of the coordinator in session
+        self.coordinator: bytes | None = None  # ZeroMQ identity of the coordinator in session
+        self.reduce_mode = "star"
         self.step_id = 0
         self.sync = 0
+        max_bytes = options.max_message_bytes or self._max_message_bytes()
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, options.max_message_bytes or self._max_message_bytes())
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max_bytes)
         self.socket.bind(options.bind)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.peers = None
+        if self.endpoint.startswith("tcp://") and shard.spec.count > 1:
+            host = self.endpoint[len("tcp://"):].rsplit(":", 1)[0]
+            self.peers = PeerExchange(self.context, host, shard.spec.index, shard.spec.count, max_bytes)
+        self.poller = zmq.Poller()
+        self.poller.register(self.socket, zmq.POLLIN)
+        if self.peers:
+            self.poller.register(self.peers.inbox, zmq.POLLIN)
 
     def _max_message_bytes(self) -> int:
         config = self.shard.config
@@ -76,14 +88,19 @@ class Worker:
                 if not self.dispatch(message, identity):
                     return
         finally:
+            if self.peers:
+                self.peers.close()
             self.socket.close(linger=0)
             self.context.term()
 
     def receive(self, timeout_ms: int) -> tuple[Message | None, bytes | None]:
-        """One decoded message, or (None, None) on timeout or junk. Exits if the parent is gone."""
+        """One decoded control message, or (None, None) on timeout or junk. Exits if the parent is gone."""
         if not self.socket.poll(timeout_ms):
             self.check_parent()
             return None, None
+        return self.read_control()
+
+    def read_control(self) -> tuple[Message | None, bytes | None]:
         frames = self.socket.recv_multipart(copy=False)
         identity = frames[0].bytes
         try:
@@ -104,12 +121,14 @@ class Worker:
                 self.on_hello(message, identity)
             elif message.kind == protocol.PING:
                 self.reply(identity, protocol.PONG, self.stats())
-            elif identity != self.peer:
+            elif identity != self.coordinator:
                 self.refuse(identity, f"{message.kind.decode()} from a peer that has no session")
+            elif message.kind == protocol.PEERS:
+                self.on_peers(message)
             elif message.kind == protocol.STEP:
                 self.on_step(message)
             elif message.kind == protocol.BYE:
-                self.peer = None
+                self.coordinator = None
             elif message.kind == protocol.SHUTDOWN:
                 return False
             else:
@@ -118,7 +137,7 @@ class Worker:
             self.refuse(identity, str(error))
         except SessionLost as error:
             self.log(f"session dropped: {error}")
-            self.peer = None
+            self.coordinator = None
         return True
 
     def on_hello(self, message: Message, identity: bytes) -> None:
@@ -131,14 +150,28 @@ class Worker:
         n_slots = field_of(message, "n_slots", int)
         if not 1 <= n_slots <= 1024:
             raise ProtocolError(f"handshake refused: n_slots {n_slots} outside 1..1024")
+        reduce_mode = message.header.get("reduce", "star")
+        if reduce_mode not in protocol.REDUCE_MODES or (reduce_mode == "peers" and self.peers is None):
+            raise ProtocolError(f"handshake refused: reduce {reduce_mode!r} is not available here")
         if self.model is None or self.model.cache.n_slots != n_slots:
             self.model = SliceModel(self.shard.config, self.shard.spec, self.shard.weights, n_slots)
-        if self.peer is not None and self.peer != identity:
+        if self.coordinator is not None and self.coordinator != identity:
             self.log("a new coordinator connected; the previous session is dropped")
-        self.peer = identity
+        self.coordinator = identity
+        self.reduce_mode = reduce_mode
         self.reply(identity, protocol.READY, {
             "shard_index": self.shard.spec.index, "n_shards": self.shard.spec.count,
-            "spec": self.shard.spec.to_dict(), "pid": os.getpid(), **self.stats()})
+            "spec": self.shard.spec.to_dict(), "pid": os.getpid(),
+            "peer_port": self.peers.port if self.peers else None, **self.stats()})
+
+    def on_peers(self, message: Message) -> None:
+        endpoints = field_of(message, "endpoints", list)
+        session = field_of(message, "session", str)
+        if self.peers is None or len(endpoints) != self.shard.spec.count or \
+                not all(isinstance(e, str) and e.startswith("tcp://") for e in endpoints):
+            raise ProtocolError(f"PEERS needs {self.shard.spec.count} tcp:// endpoints")
+        self.peers.connect(session, endpoints)
+        self.reply(self.coordinator, protocol.CONNECTED)
 
     def on_step(self, message: Message) -> None:
         self.step_id = field_of(message, "step_id", int)
@@ -149,17 +182,21 @@ class Worker:
         try:
             sequences = [StepSequence(*(int(v) for v in seq)) for seq in raw_sequences]
         except (TypeError, ValueError):
-            raise ProtocolError(f"STEP sequences must be [slot, start_position, n_tokens] lists") from None
+            raise ProtocolError("STEP sequences must be [slot, start_position, n_tokens] lists") from None
         self.sync = 0
-        single = self.shard.spec.count == 1
-        logits = self.model.forward(message.arrays[0], sequences,
-                                    allreduce=(lambda partial: partial) if single else self.allreduce,
+        if self.shard.spec.count == 1:
+            allreduce = None
+        elif self.reduce_mode == "peers":
+            allreduce = self.allreduce_with_peers
+        else:
+            allreduce = self.allreduce_via_coordinator
+        logits = self.model.forward(message.arrays[0], sequences, allreduce=allreduce or (lambda partial: partial),
                                     all_logits=bool(message.header.get("all_logits", False)))
-        self.reply(self.peer, protocol.LOGITS, {"step_id": self.step_id}, [logits])
+        self.reply(self.coordinator, protocol.LOGITS, {"step_id": self.step_id}, [logits])
 
-    def allreduce(self, partial):
+    def allreduce_via_coordinator(self, partial):
         """Send this worker's partial sum, wait for the coordinator's total."""
-        self.reply(self.peer, protocol.PARTIAL, {"step_id": self.step_id, "sync": self.sync}, [partial])
+        self.reply(self.coordinator, protocol.PARTIAL, {"step_id": self.step_id, "sync": self.sync}, [partial])
         deadline = time.monotonic() + self.options.reduce_timeout
         while True:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
@@ -169,25 +206,48 @@ class Worker:
             message, identity = self.receive(min(remaining_ms, POLL_TICK_MS))
             if message is None:
                 continue
-            if message.kind == protocol.PING:
-                self.reply(identity, protocol.PONG, self.stats())
-            elif identity != self.peer:
-                if message.kind == protocol.HELLO:
-                    self.on_hello(message, identity)
-                    raise SessionLost("a new coordinator took over mid-step")
-                self.refuse(identity, f"{message.kind.decode()} from a peer that has no session")
-            elif message.kind == protocol.REDUCED:
+            if message.kind == protocol.REDUCED and identity == self.coordinator:
                 if message.header.get("step_id") != self.step_id or message.header.get("sync") != self.sync \
                         or len(message.arrays) != 1 or message.arrays[0].shape != partial.shape:
                     raise ProtocolError(f"REDUCED does not match step {self.step_id} sync {self.sync}")
                 self.sync += 1
                 return message.arrays[0]
-            elif message.kind in (protocol.BYE, protocol.HELLO):
-                if message.kind == protocol.HELLO:
-                    self.on_hello(message, identity)
-                raise SessionLost(f"{message.kind.decode()} arrived mid-step")
-            else:
-                raise ProtocolError(f"unexpected {message.kind.decode()} in step {self.step_id}")
+            self.handle_mid_step(message, identity)
+
+    def allreduce_with_peers(self, partial):
+        deadline = time.monotonic() + self.options.reduce_timeout
+        try:
+            total = self.peers.allreduce(partial, self.step_id, self.sync, deadline, self.wait_for_peers)
+        except TimeoutError as error:
+            raise SessionLost(str(error)) from None
+        self.sync += 1
+        return total
+
+    def wait_for_peers(self, timeout_ms: int) -> bool:
+        """Poll the peer inbox and the control socket; True when the inbox is readable.
+        Control messages that arrive meanwhile are handled (or end the step)."""
+        ready = dict(self.poller.poll(min(timeout_ms, POLL_TICK_MS)))
+        if not ready:
+            self.check_parent()
+        if self.socket in ready:
+            message, identity = self.read_control()
+            if message is not None:
+                self.handle_mid_step(message, identity)
+        return self.peers.inbox in ready
+
+    def handle_mid_step(self, message: Message, identity: bytes) -> None:
+        """A control message during a step: answer PING; a new HELLO or a BYE ends the step."""
+        if message.kind == protocol.PING:
+            self.reply(identity, protocol.PONG, self.stats())
+        elif message.kind == protocol.HELLO:
+            self.on_hello(message, identity)
+            raise SessionLost("a new session began mid-step")
+        elif identity != self.coordinator:
+            self.refuse(identity, f"{message.kind.decode()} from a peer that has no session")
+        elif message.kind == protocol.BYE:
+            raise SessionLost("BYE arrived mid-step")
+        else:
+            raise ProtocolError(f"unexpected {message.kind.decode()} in step {self.step_id}")
 
     def reply(self, identity: bytes, kind: bytes, header: dict | None = None, arrays: list | None = None):
         protocol.send(self.socket, kind, header, arrays, prefix=[identity])
@@ -226,7 +286,7 @@ def die_with_parent() -> None:
         pass  # not Linux: the parent check in the poll loop still catches it within a tick
 
 
-def run_worker(shard_path: str, options: WorkerOptions, verify_manifest: bool = False) -> int:
+def run_worker(shard_path: str, options: WorkerOptions) -> int:
     from common.shard_file import load_shard
     if options.parent_pid:
         die_with_parent()
