@@ -26,3 +26,23 @@ def stories260k():
         pytest.skip(f"{folder} is absent (the real test models live beside the project in shared/models)")
     return {"model": folder / "stories260K.bin", "tokenizer": folder / "tok512.bin",
             "sp_model": folder / "tok512.model", "reference": folder / "REFERENCE.md"}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_orphan_workers():
+    """Fail the run if any test left a worker process of ours behind (and clean it up)."""
+    yield
+    import signal
+    from process_tools import children_of, wait_until_gone
+    leftovers = []
+    for pid in children_of(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                if b"worker" in handle.read():
+                    leftovers.append(pid)
+        except OSError:
+            pass
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    wait_until_gone(leftovers, timeout=5)
+    assert not leftovers, f"worker processes outlived the tests: {leftovers}"
