@@ -49,6 +49,7 @@ class ClusterEngine:
         self.timeout = timeout
         self.reduce_mode = reduce if len(endpoints) > 1 else "star"
         self.step_id = 0
+        self.last_step_timing: list[dict] = []  # per worker: forward_s, reduce_s of the last step
         self.context = zmq.Context()
         self.links = []
         for index, endpoint in enumerate(endpoints):
@@ -104,9 +105,10 @@ class ClusterEngine:
             for sync in range(2 * self.config.n_layers):
                 self.reduce(sync, np.empty_like(x))
         deadline = time.monotonic() + self.timeout
-        slices = [self.receive(link, protocol.LOGITS, deadline, f"step {self.step_id}").arrays[0]
-                  for link in self.links]
-        return np.concatenate(slices, axis=1)
+        replies = [self.receive(link, protocol.LOGITS, deadline, f"step {self.step_id}") for link in self.links]
+        self.last_step_timing = [{key: reply.header.get(key, 0.0) for key in ("forward_s", "reduce_s")}
+                                 for reply in replies]
+        return np.concatenate([reply.arrays[0] for reply in replies], axis=1)
 
     def reduce(self, sync: int, total: np.ndarray) -> None:
         """Sum every worker's partial for this sync into `total` and send it back to all.

@@ -16,7 +16,7 @@ from common import protocol
 from common.errors import LlmtpError, ProtocolError
 from common.protocol import Message, field_of
 from common.shard_file import Shard
-from common.transformer import SliceModel, StepSequence
+from common.transformer import SliceModel, StepSequence, no_reduce
 
 from .peer_exchange import PeerExchange
 
@@ -185,14 +185,26 @@ class Worker:
             raise ProtocolError("STEP sequences must be [slot, start_position, n_tokens] lists") from None
         self.sync = 0
         if self.shard.spec.count == 1:
-            allreduce = None
+            reduce = None
         elif self.reduce_mode == "peers":
-            allreduce = self.allreduce_with_peers
+            reduce = self.allreduce_with_peers
         else:
-            allreduce = self.allreduce_via_coordinator
-        logits = self.model.forward(message.arrays[0], sequences, allreduce=allreduce or (lambda partial: partial),
+            reduce = self.allreduce_via_coordinator
+        reduce_seconds = 0.0
+
+        def timed_reduce(partial):
+            nonlocal reduce_seconds
+            started = time.perf_counter()
+            total = reduce(partial)
+            reduce_seconds += time.perf_counter() - started
+            return total
+
+        started = time.perf_counter()
+        logits = self.model.forward(message.arrays[0], sequences, allreduce=timed_reduce if reduce else no_reduce,
                                     all_logits=bool(message.header.get("all_logits", False)))
-        self.reply(self.coordinator, protocol.LOGITS, {"step_id": self.step_id}, [logits])
+        # How the step's time went, for `llmtp bench`: math versus waiting on the others.
+        timing = {"forward_s": time.perf_counter() - started, "reduce_s": reduce_seconds}
+        self.reply(self.coordinator, protocol.LOGITS, {"step_id": self.step_id, **timing}, [logits])
 
     def allreduce_via_coordinator(self, partial):
         """Send this worker's partial sum, wait for the coordinator's total."""
