@@ -1,0 +1,353 @@
+"""`llmtp bench`: prefill and decode speed against worker count, beside the machine's
+own limits measured in the same run (streaming bandwidth, a bare ZeroMQ round trip).
+
+Speed is never asserted in tests; this command is where it is measured. Report ratios
+from one run: the machine is shared and noisy.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from common.config import ModelConfig
+from common.errors import ConfigError
+from common.transformer import StepSequence
+
+PRESETS = {
+    "15M": ModelConfig(dim=288, hidden_dim=768, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=32000,
+                       seq_len=256, shared_classifier=True),
+    "110M": ModelConfig(dim=768, hidden_dim=2048, n_layers=12, n_heads=12, n_kv_heads=12, vocab_size=32000,
+                        seq_len=1024, shared_classifier=True),
+    # One Llama-2-7B layer plus its (separate) classifier: the per-layer and logits costs of the real thing.
+    "7B-layer": ModelConfig(dim=4096, hidden_dim=11008, n_layers=1, n_heads=32, n_kv_heads=32, vocab_size=32000,
+                            seq_len=2048, shared_classifier=False),
+}
+
+
+@dataclass
+class MachineLimits:
+    cores: int
+    bandwidth_gbs: dict  # BLAS threads -> GB/s of a float32 matrix-vector product over 1 GiB
+    zmq_round_trip_ms: float  # a sync-sized message there and back between two processes
+
+
+@dataclass
+class EngineResult:
+    engine: str
+    n_workers: int
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    decode_step_ms: float
+    math_ms: float  # workers computing (mean over workers)
+    sync_wait_ms: float  # workers inside the all-reduce: sending, waiting for the slowest, receiving
+    coordinator_ms: float  # the rest: embedding, STEP/LOGITS transport, gather, Python around it
+    sync_ms: float | None  # sync_wait_ms per all-reduce
+    worker_peak_rss_mb: list = field(default_factory=list)
+    worker_shard_mb: list = field(default_factory=list)
+    worker_kv_mb: list = field(default_factory=list)
+
+
+def weight_bytes_per_token(config: ModelConfig, bytes_per_weight: float = 4.0) -> float:
+    """Bytes of weights one decode step streams: every matrix once (the embedding lookup reads one row,
+    but a shared classifier reads the whole table)."""
+    lookup_only = 0 if config.shared_classifier else config.vocab_size * config.dim
+    return (config.n_params() - lookup_only) * bytes_per_weight
+
+
+BANDWIDTH_PROBE = """
+import sys, time, numpy as np
+rows = int(sys.argv[1]) * 2**20 // (4 * 16384)
+matrix = np.ones((rows, 16384), dtype=np.float32)  # 1 GiB by default: larger than the caches
+vector = np.ones(16384, dtype=np.float32)
+best = 1e9
+for _ in range(8):
+    started = time.perf_counter(); matrix @ vector; best = min(best, time.perf_counter() - started)
+print(matrix.nbytes / best / 1e9)
+"""
+
+
+def measure_bandwidth(threads: int, probe_mib: int = 1024) -> float:
+    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
+    out = subprocess.run([sys.executable, "-c", BANDWIDTH_PROBE, str(probe_mib)], env=env, capture_output=True, text=True,
+                         check=True, timeout=300).stdout
+    return float(out.strip())
+
+
+ECHO_SERVER = """
+import sys, zmq
+socket = zmq.Context().socket(zmq.ROUTER)
+socket.bind("tcp://127.0.0.1:*")
+print(socket.getsockopt_string(zmq.LAST_ENDPOINT), flush=True)
+while True:
+    frames = socket.recv_multipart()
+    if frames[1] == b"quit":
+        break
+    socket.send_multipart(frames)
+"""
+
+
+def measure_zmq_round_trip(dim: int, rounds: int = 2000) -> float:
+    """Median ms for one protocol-shaped message (header + dim float32) to go there and back."""
+    import zmq
+
+    from common import protocol
+    server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True)
+    context = zmq.Context()
+    try:
+        endpoint = server.stdout.readline().strip()
+        client = context.socket(zmq.DEALER)
+        client.setsockopt(zmq.LINGER, 0)
+        client.setsockopt(zmq.RCVTIMEO, 10000)
+        client.connect(endpoint)
+        partial = np.ones((1, dim), dtype=np.float32)
+        times = []
+        for round_index in range(rounds + 100):
+            started = time.perf_counter()
+            protocol.send(client, protocol.PARTIAL, {"step_id": round_index, "sync": 0}, [partial])
+            protocol.decode(client.recv_multipart(copy=False))
+            times.append(time.perf_counter() - started)
+        client.send_multipart([b"quit"])
+        client.close()
+        return float(np.median(times[100:]) * 1000)
+    finally:
+        context.term()
+        try:
+            server.wait(5)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def synthetic_checkpoint(preset: str) -> Path:
+    """A random-weight v1 checkpoint of a preset's shape, made once into the cache."""
+    from common.checkpoint import write_checkpoint
+
+    from .local_cluster import cache_dir
+    config = PRESETS[preset]
+    path = cache_dir() / "bench" / f"synthetic-{preset}.bin"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"bench: writing a random {preset} checkpoint to {path}", file=sys.stderr)
+    write_checkpoint(path, config, random_model_weights(config, seed=0), version=1)
+    return path
+
+
+def random_model_weights(config: ModelConfig, seed: int):
+    """Weights scaled like a trained model's (std 0.02, unit norms), so activations stay finite."""
+    from common.weights import LayerWeights, ModelWeights
+    rng = np.random.default_rng(seed)
+
+    def matrix(rows, cols):
+        return (rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(0.02))
+
+    layers = [LayerWeights(attn_norm=np.ones(config.dim, np.float32), wq=matrix(config.dim, config.dim),
+                           wk=matrix(config.kv_dim, config.dim), wv=matrix(config.kv_dim, config.dim),
+                           wo=matrix(config.dim, config.dim), ffn_norm=np.ones(config.dim, np.float32),
+                           w1=matrix(config.hidden_dim, config.dim), w2=matrix(config.dim, config.hidden_dim),
+                           w3=matrix(config.hidden_dim, config.dim)) for _ in range(config.n_layers)]
+    embedding = matrix(config.vocab_size, config.dim)
+    classifier = embedding if config.shared_classifier else matrix(config.vocab_size, config.dim)
+    return ModelWeights(embedding, layers, np.ones(config.dim, np.float32), classifier)
+
+
+def time_engine(engine, config: ModelConfig, prompt_tokens: int, decode_tokens: int, n_workers: int,
+                label: str) -> EngineResult:
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(3, config.vocab_size, prompt_tokens)
+    engine.step(prompt[:8], [StepSequence(0, 0, 8)])  # warm up: page in weights, start BLAS threads
+    started = time.perf_counter()
+    logits = engine.step(prompt, [StepSequence(0, 0, prompt_tokens)])
+    prefill_seconds = time.perf_counter() - started
+
+    walls, maths, waits, forwards = [], [], [], []
+    token = int(np.argmax(logits[0]))
+    for position in range(prompt_tokens, prompt_tokens + decode_tokens):
+        started = time.perf_counter()
+        logits = engine.step(np.array([token]), [StepSequence(0, position, 1)])
+        walls.append(time.perf_counter() - started)
+        timing = getattr(engine, "last_step_timing", None) or [{"forward_s": walls[-1], "reduce_s": 0.0}]
+        forwards.append(max(t["forward_s"] for t in timing))
+        waits.append(float(np.mean([t["reduce_s"] for t in timing])))
+        maths.append(float(np.mean([t["forward_s"] - t["reduce_s"] for t in timing])))
+        token = int(np.argmax(logits[0]))
+    step = float(np.median(walls))
+    math_s, wait_s = float(np.median(maths)), float(np.median(waits))
+    n_syncs = 2 * config.n_layers if n_workers > 1 else 0
+    result = EngineResult(
+        engine=label, n_workers=n_workers, prefill_tokens_per_s=prompt_tokens / prefill_seconds,
+        decode_tokens_per_s=1.0 / step, decode_step_ms=step * 1000, math_ms=math_s * 1000,
+        sync_wait_ms=wait_s * 1000, coordinator_ms=max(0.0, step - float(np.median(forwards))) * 1000,
+        sync_ms=wait_s * 1000 / n_syncs if n_syncs else None)
+    if hasattr(engine, "worker_stats"):
+        for stats in engine.worker_stats():
+            result.worker_peak_rss_mb.append(stats["peak_rss_bytes"] / 1e6)
+            result.worker_shard_mb.append(stats["shard_bytes"] / 1e6)
+            result.worker_kv_mb.append(stats["kv_cache_bytes"] / 1e6)
+    return result
+
+
+def time_hf(checkpoint, prompt_tokens: int, decode_tokens: int) -> EngineResult | None:
+    """The same weights through transformers on the CPU (the `oracle` extra), or None without it."""
+    try:
+        import torch
+
+        from .hf_bridge import build_hf_model
+    except ImportError:
+        return None
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = build_hf_model(checkpoint.config, checkpoint.weights, attention="sdpa")
+    rng = np.random.default_rng(1)
+    prompt = torch.tensor(rng.integers(3, checkpoint.config.vocab_size, (1, prompt_tokens)))
+    with torch.inference_mode():
+        model(input_ids=prompt[:, :8])
+        started = time.perf_counter()
+        output = model(input_ids=prompt, use_cache=True)
+        prefill_seconds = time.perf_counter() - started
+        cache, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+        walls = []
+        for _ in range(decode_tokens):
+            started = time.perf_counter()
+            output = model(input_ids=token, past_key_values=cache, use_cache=True)
+            walls.append(time.perf_counter() - started)
+            cache, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+    step = float(np.median(walls))
+    return EngineResult(engine="transformers (torch)", n_workers=0, prefill_tokens_per_s=prompt_tokens / prefill_seconds,
+                        decode_tokens_per_s=1.0 / step, decode_step_ms=step * 1000, math_ms=step * 1000,
+                        sync_wait_ms=0.0, coordinator_ms=0.0, sync_ms=None)
+
+
+@dataclass
+class BenchReport:
+    model: str
+    config: dict
+    weight_mb_per_token: float
+    limits: MachineLimits
+    results: list
+
+    def bandwidth_limit_tokens_per_s(self) -> float:
+        best = max(self.limits.bandwidth_gbs.values())
+        return best * 1e9 / (self.weight_mb_per_token * 1e6)
+
+
+def run_bench(model: str, checkpoint_path: Path, worker_counts: list[int], prompt_tokens: int,
+              decode_tokens: int, reduce: str, compare_hf: bool, in_process: bool = True,
+              probe_mib: int = 1024) -> BenchReport:
+    from common.checkpoint import load_checkpoint
+    from common.engine import LocalEngine
+
+    from .local_cluster import ensure_shards, open_local_engine
+    checkpoint = load_checkpoint(checkpoint_path)
+    config = checkpoint.config
+    if prompt_tokens + decode_tokens > config.seq_len:
+        raise ConfigError(f"--prompt-tokens + --decode-tokens = {prompt_tokens + decode_tokens} exceeds "
+                          f"the model's context {config.seq_len}")
+    cores = os.cpu_count() or 1
+    bytes_per_weight = 1.0 + 4.0 / checkpoint.group_size if checkpoint.group_size else 4.0
+    print("bench: measuring memory bandwidth and a bare ZeroMQ round trip", file=sys.stderr)
+    limits = MachineLimits(cores=cores,
+                           bandwidth_gbs={threads: measure_bandwidth(threads, probe_mib)
+                                          for threads in sorted({1, cores})},
+                           zmq_round_trip_ms=measure_zmq_round_trip(config.dim))
+    results = []
+    if in_process:
+        print("bench: in-process engine", file=sys.stderr)
+        results.append(time_engine(LocalEngine(config, checkpoint.weights), config, prompt_tokens,
+                                   decode_tokens, 0, "in-process"))
+    for n_workers in worker_counts:
+        print(f"bench: {n_workers} worker(s)", file=sys.stderr)
+        engine = open_local_engine(ensure_shards(checkpoint_path, n_workers), n_workers, reduce=reduce)
+        try:
+            results.append(time_engine(engine, config, prompt_tokens, decode_tokens, n_workers,
+                                       f"{n_workers} worker{'s' if n_workers > 1 else ''}"))
+        finally:
+            engine.close()
+    if compare_hf:
+        print("bench: transformers on the same weights", file=sys.stderr)
+        hf = time_hf(checkpoint, prompt_tokens, decode_tokens)
+        if hf is None:
+            print("bench: transformers/torch are not installed (pip install -e '.[oracle]'); skipped",
+                  file=sys.stderr)
+        else:
+            results.append(hf)
+    return BenchReport(model=model, config=asdict(config),
+                       weight_mb_per_token=weight_bytes_per_token(config, bytes_per_weight) / 1e6,
+                       limits=limits, results=results)
+
+
+def format_report(report: BenchReport) -> str:
+    limit = report.bandwidth_limit_tokens_per_s()
+    lines = [
+        f"model {report.model}: {report.weight_mb_per_token:.1f} MB of weights per decoded token",
+        "machine: " + ", ".join(f"{gbs:.1f} GB/s with {threads} BLAS thread(s)"
+                                for threads, gbs in report.limits.bandwidth_gbs.items())
+        + f"; ZeroMQ round trip {report.limits.zmq_round_trip_ms * 1000:.0f} us",
+        f"decode limit (weights / best bandwidth): {limit:.1f} tok/s",
+        "",
+        f"{'engine':<22}{'prefill tok/s':>14}{'decode tok/s':>13}{'% of limit':>11}{'step ms':>9}"
+        f"{'math':>8}{'sync':>8}{'coord':>8}{'per sync us':>12}{'sync/RTT':>9}{'peak RSS - shard - kv MB':>26}",
+    ]
+    for r in report.results:
+        per_sync = f"{r.sync_ms * 1000:.0f}" if r.sync_ms else "-"
+        ratio = f"{r.sync_ms / report.limits.zmq_round_trip_ms:.2f}" if r.sync_ms else "-"
+        overhead = ", ".join(f"{rss - shard - kv:.0f}" for rss, shard, kv in
+                             zip(r.worker_peak_rss_mb, r.worker_shard_mb, r.worker_kv_mb)) or "-"
+        lines.append(f"{r.engine:<22}{r.prefill_tokens_per_s:>14.1f}{r.decode_tokens_per_s:>13.2f}"
+                     f"{100 * r.decode_tokens_per_s / limit:>10.0f}%{r.decode_step_ms:>9.2f}{r.math_ms:>8.2f}"
+                     f"{r.sync_wait_ms:>8.2f}{r.coordinator_ms:>8.2f}{per_sync:>12}{ratio:>9}{overhead:>26}")
+    return "\n".join(lines)
+
+
+def plot_report(report: BenchReport, path: Path) -> bool:
+    """tokens/s against workers with the bandwidth limit, and each step's time split. False
+    when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ours = [r for r in report.results if r.engine != "transformers (torch)"]
+    labels = [r.engine for r in ours]
+    figure, (speed, split) = plt.subplots(1, 2, figsize=(12, 4.5))
+    positions = np.arange(len(ours))
+    speed.plot(positions, [r.decode_tokens_per_s for r in ours], "o-", label="llmtp decode")
+    speed.axhline(report.bandwidth_limit_tokens_per_s(), color="red", linestyle="--",
+                  label="bandwidth limit (weights / GB/s)")
+    for r in report.results:
+        if r.engine == "transformers (torch)":
+            speed.axhline(r.decode_tokens_per_s, color="gray", linestyle=":", label="transformers decode")
+    speed.set_xticks(positions, labels)
+    speed.set_ylabel("decode tokens/s")
+    speed.set_title(f"{report.model}: decode speed")
+    speed.set_ylim(bottom=0)
+    speed.legend()
+    parts = [("math", "math_ms"), ("sync wait", "sync_wait_ms"), ("coordinator + transport", "coordinator_ms")]
+    bottom = np.zeros(len(ours))
+    for name, key in parts:
+        values = np.array([getattr(r, key) for r in ours])
+        split.bar(positions, values, bottom=bottom, label=name)
+        bottom += values
+    split.set_xticks(positions, labels)
+    split.set_ylabel("ms per decoded token")
+    split.set_title("where a decode step's time goes")
+    split.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def save_report(report: BenchReport, out_dir: Path) -> tuple[Path, Path | None]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"bench-{report.model}"
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(asdict(report), indent=2))
+    png_path = out_dir / f"{stem}.png"
+    return json_path, png_path if plot_report(report, png_path) else None

@@ -1,0 +1,29 @@
+"""`llmtp bench` runs end to end and reports every field (speed itself is never asserted)."""
+
+import json
+
+from cli_runner import run_llmtp
+from model_factory import make_config, write_random_checkpoint
+
+
+def test_bench_reports_every_engine(tmp_path):
+    config = make_config(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=80, seq_len=64)
+    checkpoint = write_random_checkpoint(tmp_path / "tiny.bin", config, seed=2)
+    result = run_llmtp("bench", checkpoint, "-w", "1,2", "--prompt-tokens", 16, "--decode-tokens", 4,
+                       "--probe-mib", 16, "-o", tmp_path / "out", timeout=180)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "bench-tiny.json").read_text())
+    engines = [r["engine"] for r in report["results"]]
+    assert engines == ["in-process", "1 worker", "2 workers"]
+    assert report["limits"]["zmq_round_trip_ms"] > 0
+    assert all(gbs > 0 for gbs in report["limits"]["bandwidth_gbs"].values())
+    for row in report["results"]:
+        assert row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0
+    two = report["results"][2]
+    assert two["sync_ms"] is not None and len(two["worker_peak_rss_mb"]) == 2
+    assert "decode limit" in result.stdout
+
+
+def test_bench_needs_a_model():
+    result = run_llmtp("bench")
+    assert result.returncode == 2 and "checkpoint or --preset" in result.stderr
