@@ -73,6 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: the largest <= 64 that divides every row)")
     conv.set_defaults(handler=cmd_convert)
 
+    bench = commands.add_parser("bench", help="measure prefill/decode speed against worker count")
+    bench.add_argument("checkpoint", nargs="?", help="a checkpoint to measure (or use --preset)")
+    bench.add_argument("--preset", choices=("15M", "110M", "7B-layer"),
+                       help="a random-weight model of this shape, made once into the cache")
+    bench.add_argument("-w", "--workers", default="1,2", help="worker counts, e.g. 1,2,4 (default 1,2)")
+    bench.add_argument("--prompt-tokens", type=int, default=128)
+    bench.add_argument("--decode-tokens", type=int, default=32)
+    bench.add_argument("--reduce", choices=("peers", "star"), default="peers")
+    bench.add_argument("--compare-hf", action="store_true", help="also time transformers on the same weights")
+    bench.add_argument("-o", "--out", default="bench-out", help="folder for the JSON and PNG")
+    bench.add_argument("--probe-mib", type=int, default=1024, help="size of the bandwidth probe's matrix")
+    bench.set_defaults(handler=cmd_bench)
+
     insp = commands.add_parser("inspect", help="print a checkpoint's format, shapes and sizes")
     insp.add_argument("checkpoint")
     insp.set_defaults(handler=cmd_inspect)
@@ -219,6 +232,27 @@ def cmd_cluster_down(args) -> int:
     from . import local_cluster
     stopped = local_cluster.cluster_down(local_cluster.state_path(args.state))
     print(f"stopped {stopped} worker(s)")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+    if (args.checkpoint is None) == (args.preset is None):
+        raise ConfigError("bench needs a checkpoint or --preset (not both)")
+    try:
+        worker_counts = [int(n) for n in args.workers.split(",") if n.strip()]
+    except ValueError:
+        raise ConfigError(f"-w/--workers must be comma-separated integers, got {args.workers!r}") from None
+    if args.preset:
+        model, path = args.preset, bench.synthetic_checkpoint(args.preset)
+    else:
+        model, path = Path(args.checkpoint).stem, Path(args.checkpoint)
+    report = bench.run_bench(model, path, worker_counts, args.prompt_tokens, args.decode_tokens, args.reduce,
+                             args.compare_hf, probe_mib=args.probe_mib)
+    print(bench.format_report(report))
+    json_path, png_path = bench.save_report(report, Path(args.out))
+    print(f"\nwrote {json_path}" + (f" and {png_path}" if png_path else
+                                     " (no plot: pip install matplotlib)"))
     return 0
 
 
