@@ -1,8 +1,11 @@
-"""The coordinator's side of a step: embed, broadcast, sum partials, gather logits.
+"""The coordinator's side of a step: embed, broadcast, (sum partials), gather logits.
 
-Same `step` signature as common.engine.LocalEngine. Every wait polls the worker
-sockets together with the local worker processes' exit fds (when it started them),
-so a crash shows at once with its exit code, and every wait has a deadline.
+Same `step` signature as common.engine.LocalEngine. Every wait polls the worker's
+socket together with every link's connection monitor and the local workers' exit fds
+(when this process started them), so a crash or a dropped connection shows at once as
+WorkerLost naming the worker, and every wait has a deadline. ZeroMQ heartbeats run in
+libzmq's own threads, so a worker busy with a long matmul still answers them, and a
+silent host is noticed within `liveness` seconds.
 """
 
 import os
@@ -13,24 +16,36 @@ from typing import Sequence
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from common import protocol
+from common import protocol, security
 from common.config import ModelConfig
 from common.errors import ProtocolError, WorkerError
 from common.protocol import Message
 from common.transformer import StepSequence
 from common.weights import Matrix, embed_tokens
 
+HEARTBEAT_INTERVAL_MS = 1000
+
+
+class WorkerLost(WorkerError):
+    """A worker died, dropped its connection, or stopped answering: `index` says which."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+
 
 @dataclass
 class WorkerLink:
     index: int
     endpoint: str
-    socket: zmq.Socket
     process: object | None = None  # subprocess.Popen when this coordinator started the worker
-    exit_fd: int | None = None  # pidfd that becomes readable when that process exits
+    socket: zmq.Socket | None = None
+    monitor: zmq.Socket | None = None  # connection events of `socket`
+    exit_fd: int | None = None  # pidfd that becomes readable when `process` exits
     info: dict | None = None  # the READY header
-    poller: zmq.Poller | None = None  # this socket plus every worker's exit fd
+    poller: zmq.Poller | None = None  # this socket, plus every link's monitor and exit fd
 
     @property
     def name(self) -> str:
@@ -40,49 +55,85 @@ class WorkerLink:
 class ClusterEngine:
     def __init__(self, config: ModelConfig, embedding: Matrix, endpoints: Sequence[str], model_sha256: str,
                  n_slots: int = 1, timeout: float = 30.0, processes: Sequence | None = None,
-                 reduce: str = "peers"):
+                 reduce: str = "peers", liveness: float = 5.0, keys: security.CoordinatorKeys | None = None):
         """reduce: "peers" (workers exchange partials directly; the default, measured faster)
-        or "star" (through this coordinator). Falls back to star where peers cannot connect."""
+        or "star" (through this coordinator). timeout bounds every wait for a reply;
+        liveness bounds how long a silent connection counts as alive. keys: CURVE on every
+        link (the workers must hold the matching worker key pair and allow our public key)."""
         assert reduce in protocol.REDUCE_MODES, reduce
         self.config = config
         self.embedding = embedding
+        self.model_sha256 = model_sha256
+        self.n_slots = n_slots
         self.timeout = timeout
+        self.liveness = liveness
+        self.keys = keys
         self.reduce_mode = reduce if len(endpoints) > 1 else "star"
         self.step_id = 0
         self.last_step_timing: list[dict] = []  # per worker: forward_s, reduce_s of the last step
         self.context = zmq.Context()
-        self.links = []
-        for index, endpoint in enumerate(endpoints):
-            socket = self.context.socket(zmq.DEALER)
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.setsockopt(zmq.IDENTITY, f"coordinator-{uuid.uuid4().hex[:12]}-{index}".encode())
-            socket.connect(endpoint)
-            process = processes[index] if processes else None
-            self.links.append(WorkerLink(index, endpoint, socket, process, _exit_fd(process)))
-        exit_fds = [link.exit_fd for link in self.links if link.exit_fd is not None]
+        self.links = [WorkerLink(index, endpoint, processes[index] if processes else None)
+                      for index, endpoint in enumerate(endpoints)]
+        self.open_links()
+        self.handshake(self.timeout)
+
+    def open_links(self) -> None:
+        for link in self.links:
+            link.socket = self.context.socket(zmq.DEALER)
+            link.socket.setsockopt(zmq.LINGER, 0)
+            link.socket.setsockopt(zmq.IDENTITY, f"coordinator-{uuid.uuid4().hex[:12]}-{link.index}".encode())
+            if self.keys:
+                security.connect_curve(link.socket, self.keys.coordinator, self.keys.worker_public)
+            link.socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_INTERVAL_MS)
+            link.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.liveness * 1000))
+            link.socket.setsockopt(zmq.HEARTBEAT_TTL, int(self.liveness * 1000))
+            link.monitor = link.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            link.socket.connect(link.endpoint)
+            link.exit_fd = _exit_fd(link.process)
         for link in self.links:
             # Wait on one socket at a time (others may hold ready messages we are not
-            # reading yet, which would make a shared poller spin), but on every exit fd.
+            # reading yet, which would make a shared poller spin), but on every alarm.
             link.poller = zmq.Poller()
             link.poller.register(link.socket, zmq.POLLIN)
-            for fd in exit_fds:
-                link.poller.register(fd, zmq.POLLIN)
-        self.handshake(model_sha256, n_slots)
+            for other in self.links:
+                link.poller.register(other.monitor, zmq.POLLIN)
+                if other.exit_fd is not None:
+                    link.poller.register(other.exit_fd, zmq.POLLIN)
 
-    def handshake(self, model_sha256: str, n_slots: int) -> None:
+    def close_links(self, last_word: bytes | None = None) -> None:
+        for link in self.links:
+            if link.socket is None:
+                continue
+            if last_word:
+                try:
+                    protocol.send(link.socket, last_word)
+                except zmq.ZMQError:
+                    pass
+        if last_word:
+            time.sleep(0.01)  # let the final frames leave before the sockets close
+        for link in self.links:
+            if link.socket is not None:
+                link.socket.disable_monitor()
+                link.monitor.close(linger=0)
+                link.socket.close(linger=100 if last_word else 0)
+            if link.exit_fd is not None:
+                os.close(link.exit_fd)
+            link.socket = link.monitor = link.exit_fd = link.poller = None
+
+    def handshake(self, timeout: float) -> None:
         session = uuid.uuid4().hex
         for link in self.links:
             protocol.send(link.socket, protocol.HELLO, {
-                "protocol_version": protocol.PROTOCOL_VERSION, "model_sha256": model_sha256,
-                "shard_index": link.index, "n_shards": len(self.links), "n_slots": n_slots,
+                "protocol_version": protocol.PROTOCOL_VERSION, "model_sha256": self.model_sha256,
+                "shard_index": link.index, "n_shards": len(self.links), "n_slots": self.n_slots,
                 "session": session, "reduce": self.reduce_mode})
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + timeout
         for link in self.links:
             link.info = self.receive(link, protocol.READY, deadline, "handshake").header
         if self.reduce_mode == "peers":
-            self.connect_peers(session)
+            self.connect_peers(session, deadline)
 
-    def connect_peers(self, session: str) -> None:
+    def connect_peers(self, session: str, deadline: float) -> None:
         """Tell every worker where the others' peer inboxes are (at the host we reached it on)."""
         endpoints = []
         for link in self.links:
@@ -90,9 +141,23 @@ class ClusterEngine:
             endpoints.append(f"tcp://{host}:{link.info['peer_port']}")
         for link in self.links:
             protocol.send(link.socket, protocol.PEERS, {"session": session, "endpoints": endpoints})
-        deadline = time.monotonic() + self.timeout
         for link in self.links:
             self.receive(link, protocol.CONNECTED, deadline, "peer connection")
+
+    def recover(self, wait_seconds: float) -> None:
+        """Reconnect to every worker and open a new session, retrying until wait_seconds
+        pass (a restarted worker may take a while to come back)."""
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            self.close_links()
+            self.open_links()
+            try:
+                self.handshake(max(1.0, min(self.timeout, deadline - time.monotonic())))
+                return
+            except WorkerError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
 
     def step(self, tokens: np.ndarray, sequences: Sequence[StepSequence], all_logits: bool = False) -> np.ndarray:
         self.step_id += 1
@@ -130,15 +195,17 @@ class ClusterEngine:
             protocol.send(link.socket, protocol.REDUCED, header, [total])
 
     def receive(self, link: WorkerLink, kind: bytes, deadline: float, state: str) -> Message:
-        """The next message from `link`, which must be `kind`; WorkerError on a dead or silent
-        worker or an ERROR reply, naming the worker and what we were waiting for."""
+        """The next message from `link`, which must be `kind`. WorkerLost when any worker dies or
+        drops its connection, or this one stays silent past the deadline; WorkerError on an
+        ERROR reply. Each names the worker and what we were waiting for."""
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise WorkerError(f"{link.name} sent no {kind.decode()} within {self.timeout:g} s ({state})")
+                raise WorkerLost(link.index, f"{link.name} sent no {kind.decode()} within "
+                                             f"{self.timeout:g} s ({state})")
             ready = dict(link.poller.poll(min(remaining, 1.0) * 1000))
             if link.socket not in ready:
-                self.check_processes()  # an exit fd fired, or a quiet second passed
+                self.check_alarms(state)  # an exit fd or monitor fired, or a quiet second passed
                 continue
             message = protocol.decode(link.socket.recv_multipart(copy=False))
             if message.kind == protocol.ERROR:
@@ -148,10 +215,15 @@ class ClusterEngine:
                                     f"expected {kind.decode()}")
             return message
 
-    def check_processes(self) -> None:
+    def check_alarms(self, state: str) -> None:
         for link in self.links:
             if link.process is not None and link.process.poll() is not None:
-                raise WorkerError(f"{link.name} exited with code {link.process.returncode}")
+                raise WorkerLost(link.index, f"{link.name} exited with code {link.process.returncode} "
+                                             f"({state})")
+            while link.monitor.poll(0):
+                event = recv_monitor_message(link.monitor)
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    raise WorkerLost(link.index, f"{link.name} dropped its connection ({state})")
 
     def worker_stats(self) -> list[dict]:
         """RSS, shard and KV-cache bytes of every worker (PING/PONG)."""
@@ -162,18 +234,7 @@ class ClusterEngine:
 
     def close(self, shutdown_workers: bool = False) -> None:
         """End the session (BYE), or stop the workers too (SHUTDOWN). Never blocks."""
-        kind = protocol.SHUTDOWN if shutdown_workers else protocol.BYE
-        for link in self.links:
-            try:
-                protocol.send(link.socket, kind)
-            except zmq.ZMQError:
-                pass
-        time.sleep(0.01 if self.links else 0)  # let the final frames leave before linger-0 close
-        for link in self.links:
-            link.socket.close(linger=100)
-            if link.exit_fd is not None:
-                os.close(link.exit_fd)
-                link.exit_fd = None
+        self.close_links(protocol.SHUTDOWN if shutdown_workers else protocol.BYE)
         self.links = []
         self.context.term()
 
