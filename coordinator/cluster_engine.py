@@ -144,9 +144,10 @@ class ClusterEngine:
         for link in self.links:
             self.receive(link, protocol.CONNECTED, deadline, "peer connection")
 
-    def recover(self, wait_seconds: float) -> None:
+    def recover(self, wait_seconds: float, lost: set[int] = frozenset()) -> None:
         """Reconnect to every worker and open a new session, retrying until wait_seconds
-        pass (a restarted worker may take a while to come back)."""
+        pass (a worker restarted by systemd may take a while to come back). `lost` names
+        the workers known to be gone; a local cluster restarts them first."""
         deadline = time.monotonic() + wait_seconds
         while True:
             self.close_links()

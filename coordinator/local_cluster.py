@@ -80,32 +80,44 @@ def start_workers(shard_folder: Path, n_workers: int, run_folder: Path, tied_to_
     from common.shard_file import load_manifest
     manifest = load_manifest(shard_folder)
     run_folder.mkdir(parents=True, exist_ok=True)
-    env = blas_threads_env(n_workers)
-    started: list[StartedWorker] = []
+    processes: list[subprocess.Popen] = []
     try:
         for index, shard in enumerate(manifest.shards):
-            announce = run_folder / f"worker-{index}.endpoint"
-            announce.unlink(missing_ok=True)
-            command = [sys.executable, "-m", "worker", "--shard", str(shard_folder / shard.file),
-                       "--bind", f"tcp://{host}:*", "--announce", str(announce)]
-            if tied_to_us:
-                command += ["--parent-pid", str(os.getpid())]
-                log = None
-            else:
-                log = open(run_folder / f"worker-{index}.log", "ab")
-            process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log or subprocess.DEVNULL,
-                                       stderr=log, start_new_session=True)
-            started.append(StartedWorker(process, ""))
-            if log:
-                log.close()
+            processes.append(launch_worker(shard_folder / shard.file, index, n_workers, run_folder,
+                                           tied_to_us, host))
         deadline = time.monotonic() + START_TIMEOUT
-        for index, worker in enumerate(started):
-            worker.endpoint = wait_for_announce(run_folder / f"worker-{index}.endpoint", worker.process,
-                                                index, deadline)
+        return [StartedWorker(process, wait_for_announce(announce_path(run_folder, index), process, index,
+                                                         deadline))
+                for index, process in enumerate(processes)]
     except BaseException:
-        stop_processes([worker.process for worker in started])
+        stop_processes(processes)
         raise
-    return started
+
+
+def announce_path(run_folder: Path, index: int) -> Path:
+    return run_folder / f"worker-{index}.endpoint"
+
+
+def launch_worker(shard_path: Path, index: int, n_workers: int, run_folder: Path, tied_to_us: bool,
+                  host: str = "127.0.0.1") -> subprocess.Popen:
+    """Start one worker process (without waiting for it to listen)."""
+    announce = announce_path(run_folder, index)
+    announce.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "worker", "--shard", str(shard_path), "--bind", f"tcp://{host}:*",
+               "--announce", str(announce)]
+    log = None
+    if tied_to_us:
+        command += ["--parent-pid", str(os.getpid())]
+    else:
+        log = open(run_folder / f"worker-{index}.log", "ab")
+    try:
+        # A session of its own: Ctrl-C in the terminal reaches the coordinator only, which
+        # then stops the workers in order.
+        return subprocess.Popen(command, env=blas_threads_env(n_workers), stdin=subprocess.DEVNULL,
+                                stdout=log or subprocess.DEVNULL, stderr=log, start_new_session=True)
+    finally:
+        if log:
+            log.close()
 
 
 def wait_for_announce(path: Path, process: subprocess.Popen, index: int, deadline: float) -> str:
@@ -138,9 +150,10 @@ def stop_processes(processes: list) -> None:
 
 
 class LocalClusterEngine(ClusterEngine):
-    """A ClusterEngine that owns its worker processes and stops them on close."""
+    """A ClusterEngine that owns its worker processes, restarts lost ones and stops them on close."""
 
-    def __init__(self, *args, run_folder: Path, **kwargs):
+    def __init__(self, *args, shard_folder: Path, run_folder: Path, **kwargs):
+        self.shard_folder = shard_folder
         self.run_folder = run_folder
         self.processes = kwargs.get("processes") or []
         try:
@@ -149,6 +162,22 @@ class LocalClusterEngine(ClusterEngine):
             stop_processes(list(self.processes))
             shutil.rmtree(run_folder, ignore_errors=True)
             raise
+
+    def recover(self, wait_seconds: float, lost: set[int] = frozenset()) -> None:
+        """Restart every worker that died or was reported lost (a hung one is killed first),
+        then reconnect all of them in a new session."""
+        from common.shard_file import load_manifest
+        manifest = load_manifest(self.shard_folder)
+        for link in self.links:
+            if link.index not in lost and link.process.poll() is None:
+                continue
+            stop_processes([link.process])
+            link.process = launch_worker(self.shard_folder / manifest.shards[link.index].file, link.index,
+                                         len(self.links), self.run_folder, tied_to_us=True)
+            link.endpoint = wait_for_announce(announce_path(self.run_folder, link.index), link.process,
+                                              link.index, time.monotonic() + START_TIMEOUT)
+            self.processes[link.index] = link.process
+        super().recover(wait_seconds, lost)
 
     def close(self, shutdown_workers: bool = True) -> None:
         super().close(shutdown_workers=True)
@@ -165,7 +194,8 @@ def open_local_engine(shard_folder: Path, n_workers: int, n_slots: int = 1, time
     started = start_workers(shard_folder, n_workers, run_folder, tied_to_us=True)
     return LocalClusterEngine(manifest.config, load_embedding(shard_folder), [w.endpoint for w in started],
                               manifest.source_sha256, n_slots=n_slots, timeout=timeout,
-                              processes=[w.process for w in started], run_folder=run_folder, reduce=reduce)
+                              processes=[w.process for w in started], shard_folder=shard_folder,
+                              run_folder=run_folder, reduce=reduce)
 
 
 # `llmtp cluster up / down`: detached workers described by a state file.
