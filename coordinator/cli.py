@@ -6,9 +6,10 @@ import sys
 import time
 from pathlib import Path
 
+import common
 from common.errors import ConfigError, run_handler
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "common" / "default_model"
+DEFAULT_MODEL_DIR = Path(common.__file__).resolve().parent / "default_model"  # package data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate text (run.c's flags)")
     gen.add_argument("checkpoint", nargs="?", help="llama2.c checkpoint (default: the bundled Shakespeare model)")
     gen.add_argument("-z", "--tokenizer", help="tokenizer.bin or SentencePiece .model "
-                     "(default: tokenizer.bin beside the checkpoint)")
+                     "(default: tokenizer.model or tokenizer.bin beside the checkpoint)")
     gen.add_argument("-i", "--prompt", "--input", dest="prompt", default="", help="prompt text")
     gen.add_argument("-n", "--steps", type=int, default=256, help="positions to run, prompt included "
                      "(0 = seq_len; default 256)")
@@ -34,13 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
                      "(0 = in this process)")
     gen.add_argument("--cluster", nargs="?", const="", default=None, metavar="STATE",
                      help="use the workers of `llmtp cluster up` (optional: its state file)")
-    gen.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for any worker reply")
+    gen.add_argument("--config", help="cluster YAML: run on the workers it lists, with its tokenizer, "
+                     "shard folder and timeouts")
+    gen.add_argument("--timeout", type=float, help="seconds to wait for any worker reply "
+                     "(default 30, or the config's timeouts.reply)")
+    gen.add_argument("--recover-wait", type=float, default=30.0,
+                     help="seconds to wait for a lost worker to come back before giving up (default 30)")
     gen.set_defaults(handler=cmd_generate)
 
     shard = commands.add_parser("shard", help="cut a checkpoint into one shard file per worker")
-    shard.add_argument("checkpoint")
-    shard.add_argument("-w", "--workers", type=int, required=True)
-    shard.add_argument("-o", "--output", required=True, help="folder for the shards and manifest.json")
+    shard.add_argument("checkpoint", nargs="?")
+    shard.add_argument("-w", "--workers", type=int)
+    shard.add_argument("-o", "--output", help="folder for the shards and manifest.json")
+    shard.add_argument("--config", help="cluster YAML: write one folder per host under its shards folder "
+                       "(instead of CHECKPOINT, -w and -o)")
     shard.set_defaults(handler=cmd_shard)
 
     from worker.cli import add_arguments as add_worker_arguments, cmd_worker
@@ -59,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     down = cluster_commands.add_parser("down", help="stop the workers of `cluster up`")
     down.add_argument("--state", help="state file (default: $LLMTP_CACHE_DIR/cluster.json)")
     down.set_defaults(handler=cmd_cluster_down)
+
+    keygen = commands.add_parser("keygen", help="make the CURVE key pairs of a cluster (coordinator, worker)")
+    keygen.add_argument("-o", "--output", required=True, help="folder for the key files")
+    keygen.set_defaults(handler=cmd_keygen)
 
     tok = commands.add_parser("tokenize", help="print the token ids of a text, BOS first")
     tok.add_argument("-z", "--tokenizer", required=True)
@@ -100,9 +112,12 @@ def resolve_model_paths(checkpoint: str | None, tokenizer: str | None) -> tuple[
     else:
         checkpoint_path = Path(checkpoint)
     if tokenizer is None:
-        tokenizer_path = checkpoint_path.parent / "tokenizer.bin"
-        if not tokenizer_path.exists():
-            raise ConfigError(f"no tokenizer given (-z) and {tokenizer_path} does not exist")
+        # A .model says how it normalizes whitespace; a tokenizer.bin cannot, so prefer the former.
+        candidates = [checkpoint_path.parent / name for name in ("tokenizer.model", "tokenizer.bin")]
+        tokenizer_path = next((path for path in candidates if path.exists()), None)
+        if tokenizer_path is None:
+            raise ConfigError(f"no tokenizer given (-z) and neither {candidates[0]} nor {candidates[1].name} "
+                              f"exists")
     else:
         tokenizer_path = Path(tokenizer)
     return checkpoint_path, tokenizer_path
@@ -139,6 +154,9 @@ def cmd_generate(args) -> int:
     sampler = Sampler(SamplerConfig(temperature=args.temperature, topp=args.topp, topk=args.topk, seed=seed))
 
     engine = open_engine()
+    if hasattr(engine, "recover"):  # workers: survive losing one (restart or wait, rebuild, go on)
+        from .recovery import RecoveringEngine
+        engine = RecoveringEngine(engine, wait_seconds=args.recover_wait)
     decoder = tokenizer.stream_decoder()
     decoder.push(tokenizer.bos_id)
 
@@ -164,6 +182,10 @@ def plan_engine(args):
     from common.shard_file import load_manifest
     from . import local_cluster
 
+    if args.config is not None:
+        return plan_config_engine(args)
+    if args.timeout is None:
+        args.timeout = 30.0
     if args.cluster is not None:
         state = local_cluster.read_cluster_state(local_cluster.state_path(args.cluster or None))
         config = load_manifest(state["shards"]).config
@@ -181,6 +203,18 @@ def plan_engine(args):
     from common.engine import LocalEngine
     checkpoint = load_checkpoint(checkpoint_path)
     return checkpoint.config, tokenizer_path, lambda: LocalEngine(checkpoint.config, checkpoint.weights)
+
+
+def plan_config_engine(args):
+    """plan_engine for --config: the YAML's tokenizer (unless -z), shards and workers."""
+    from common.cluster_config import load_cluster_config
+    from .config_cluster import coordinator_manifest, open_config_engine
+    if args.checkpoint or args.workers or args.cluster is not None:
+        raise ConfigError("--config replaces CHECKPOINT, --workers and --cluster")
+    cluster = load_cluster_config(args.config)
+    manifest = coordinator_manifest(cluster)
+    tokenizer = Path(args.tokenizer) if args.tokenizer else cluster.tokenizer
+    return manifest.config, tokenizer, lambda: open_config_engine(cluster, manifest, timeout=args.timeout)
 
 
 def check_sampling_args(args) -> None:
@@ -209,9 +243,44 @@ def cmd_convert(args) -> int:
 
 
 def cmd_shard(args) -> int:
+    if args.config is not None:
+        return cmd_shard_config(args)
+    missing = [name for name, value in (("CHECKPOINT", args.checkpoint), ("-w/--workers", args.workers),
+                                        ("-o/--output", args.output)) if value is None]
+    if missing:
+        raise ConfigError(f"shard needs {', '.join(missing)} (or --config cluster.yaml)")
     from .shard import run_shard
     manifest = run_shard(args.checkpoint, args.workers, args.output)
     print(f"wrote {len(manifest.shards)} shards and manifest.json to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_shard_config(args) -> int:
+    from common.cluster_config import load_cluster_config
+    from .config_cluster import shard_for_config
+    if args.checkpoint or args.workers is not None or args.output:
+        raise ConfigError("--config replaces CHECKPOINT, -w and -o (the config's model, workers and shards)")
+    cluster = load_cluster_config(args.config)
+    placed = shard_for_config(cluster)
+    for host, files in placed.items():
+        names = ", ".join(f"{path.name} ({path.stat().st_size:,} bytes)" for path in files)
+        print(f"{host}: {cluster.host_folder(host)}/ <- {names}")
+    remote = [host for host in placed if host != cluster.coordinator.host]
+    if remote:
+        folder = cluster.host_folder(remote[0])
+        print(f"copy each folder to its host, at the same path (README: Multi-host), e.g. "
+              f"rsync -a --mkpath {folder}/ {remote[0]}:{folder}/", file=sys.stderr)
+    return 0
+
+
+def cmd_keygen(args) -> int:
+    from common.security import generate_keys, keys_yaml
+    written = generate_keys(args.output)
+    for public, secret in written.values():
+        print(f"wrote {public} and {secret} (secret, mode 0600)", file=sys.stderr)
+    print("coordinator host needs: coordinator.key_secret, worker.key; worker hosts need: worker.key_secret, "
+          "coordinator.key. Paste into the cluster YAML:", file=sys.stderr)
+    print(keys_yaml(args.output))
     return 0
 
 

@@ -87,7 +87,8 @@ class ClusterEngine:
             link.socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_INTERVAL_MS)
             link.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.liveness * 1000))
             link.socket.setsockopt(zmq.HEARTBEAT_TTL, int(self.liveness * 1000))
-            link.monitor = link.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            link.monitor = link.socket.get_monitor_socket(
+                zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
             link.socket.connect(link.endpoint)
             link.exit_fd = _exit_fd(link.process)
         for link in self.links:
@@ -223,8 +224,18 @@ class ClusterEngine:
                                              f"({state})")
             while link.monitor.poll(0):
                 event = recv_monitor_message(link.monitor)
+                if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    raise WorkerError(f"{link.name} refused our CURVE key ({state}): it admits only its "
+                                      f"config's keys.coordinator_public")
                 if event["event"] == zmq.EVENT_DISCONNECTED:
-                    raise WorkerLost(link.index, f"{link.name} dropped its connection ({state})")
+                    raise WorkerLost(link.index, f"{link.name} dropped its connection ({state})"
+                                                 f"{self.key_hint(state)}")
+
+    def key_hint(self, state: str) -> str:
+        """A CURVE mismatch looks like a dropped connection from this side; say so in a handshake."""
+        if state != "handshake":
+            return ""
+        return "; is keys.worker_public the workers' key?" if self.keys else "; does the worker expect CURVE keys?"
 
     def worker_stats(self) -> list[dict]:
         """RSS, shard and KV-cache bytes of every worker (PING/PONG)."""

@@ -5,23 +5,30 @@ import os
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shard", required=True, help="this worker's shard file (from `llmtp shard`)")
-    parser.add_argument("--bind", default="tcp://127.0.0.1:*",
-                        help="ZeroMQ endpoint to listen on, e.g. tcp://0.0.0.0:5555 (port * = any free port)")
+    parser.add_argument("--shard", help="this worker's shard file (from `llmtp shard`)")
+    parser.add_argument("--config", help="cluster YAML: shard, address, ports, threads, timeouts and keys "
+                        "come from its workers[INDEX] entry")
+    parser.add_argument("--index", type=int,
+                        help="with --config: this worker's position in the config's workers list (0-based)")
+    parser.add_argument("--bind", help="ZeroMQ endpoint to listen on, e.g. tcp://0.0.0.0:5555 "
+                        "(port * = any free port; default tcp://127.0.0.1:*)")
     parser.add_argument("--announce", help="write the bound endpoint to this file once listening")
     parser.add_argument("--parent-pid", type=int, help="exit when this process is gone (set by local clusters)")
-    parser.add_argument("--threads", type=int, default=0, help="BLAS threads (default: all cores)")
-    parser.add_argument("--timeout", type=float, default=60.0,
-                        help="seconds to wait for the coordinator mid-step before dropping its session")
+    parser.add_argument("--threads", type=int, help="BLAS threads (default: all cores)")
+    parser.add_argument("--timeout", type=float,
+                        help="seconds to wait for a reduction mid-step before dropping the session (default 60)")
 
 
 def cmd_worker(args) -> int:
-    if args.threads > 0:  # must precede numpy's import to take effect
+    from .settings import settings_from_args
+    settings = settings_from_args(args)
+    if settings.threads > 0:  # must precede numpy's import to take effect
         for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ[name] = str(args.threads)
+            os.environ[name] = str(settings.threads)
     from .server import WorkerOptions, run_worker
-    return run_worker(args.shard, WorkerOptions(bind=args.bind, announce_file=args.announce,
-                                                parent_pid=args.parent_pid, reduce_timeout=args.timeout))
+    return run_worker(settings.shard_path(), WorkerOptions(
+        bind=settings.bind, announce_file=args.announce, parent_pid=args.parent_pid,
+        reduce_timeout=settings.reduce_timeout, peer_port=settings.peer_port, keys=settings.keys))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,18 +11,24 @@ import time
 import numpy as np
 import zmq
 
-from common import protocol
+from common import protocol, security
 from common.errors import ProtocolError
 
 
 class PeerExchange:
-    def __init__(self, context: zmq.Context, bind_host: str, index: int, count: int, max_message_bytes: int):
+    def __init__(self, context: zmq.Context, bind_host: str, index: int, count: int, max_message_bytes: int,
+                 port: int | None = None, keys: security.WorkerKeys | None = None):
+        """port: the inbox's (None = any free one). keys: CURVE both ways, the workers' shared
+        pair on each end, so an inbox admits only other workers."""
         self.index = index
         self.count = count
+        self.keys = keys
         self.inbox = context.socket(zmq.PULL)
         self.inbox.setsockopt(zmq.LINGER, 0)
         self.inbox.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-        self.inbox.bind(f"tcp://{bind_host}:*")
+        if keys:
+            security.serve_curve(self.inbox, keys.worker, security.PEERS_DOMAIN)
+        self.inbox.bind(f"tcp://{bind_host}:{port or '*'}")
         self.port = int(self.inbox.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         self.context = context
         self.outboxes: dict[int, zmq.Socket] = {}
@@ -38,6 +44,8 @@ class PeerExchange:
             if index != self.index:
                 outbox = self.context.socket(zmq.PUSH)
                 outbox.setsockopt(zmq.LINGER, 0)
+                if self.keys:
+                    security.connect_curve(outbox, self.keys.worker, self.keys.worker.public)
                 outbox.connect(endpoint)
                 self.outboxes[index] = outbox
 

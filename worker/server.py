@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from common import protocol
+from common import protocol, security
 from common.errors import LlmtpError, ProtocolError
 from common.protocol import Message, field_of
 from common.shard_file import Shard
@@ -24,7 +24,12 @@ POLL_TICK_MS = 500
 
 
 class SessionLost(Exception):
-    """The coordinator of the current session went quiet or was replaced."""
+    """The current session ended mid-step: its coordinator went quiet, said BYE, or was
+    replaced by a new session (replaced=True: keep serving the new one)."""
+
+    def __init__(self, message: str, replaced: bool = False):
+        super().__init__(message)
+        self.replaced = replaced
 
 
 @dataclass
@@ -34,6 +39,8 @@ class WorkerOptions:
     parent_pid: int | None = None  # exit when this process is gone (local clusters)
     reduce_timeout: float = 60.0  # seconds to wait for a reduction before dropping the session
     max_message_bytes: int = 0  # 0 = derived from the model's size
+    peer_port: int | None = None  # peer inbox port (None = any free port)
+    keys: security.WorkerKeys | None = None  # CURVE on every socket (see common/security.py)
 
 
 class Worker:
@@ -48,15 +55,21 @@ class Worker:
         self.sync = 0
         max_bytes = options.max_message_bytes or self._max_message_bytes()
         self.context = zmq.Context()
+        self.authenticator = None
+        if options.keys:  # before any bind: a CURVE socket without its ZAP handler admits anyone
+            self.authenticator = security.start_worker_authenticator(self.context, options.keys, self.log)
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+        if options.keys:
+            security.serve_curve(self.socket, options.keys.worker, security.CONTROL_DOMAIN)
         self.socket.bind(options.bind)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.peers = None
         if self.endpoint.startswith("tcp://") and shard.spec.count > 1:
             host = self.endpoint[len("tcp://"):].rsplit(":", 1)[0]
-            self.peers = PeerExchange(self.context, host, shard.spec.index, shard.spec.count, max_bytes)
+            self.peers = PeerExchange(self.context, host, shard.spec.index, shard.spec.count, max_bytes,
+                                      port=options.peer_port, keys=options.keys)
         self.poller = zmq.Poller()
         self.poller.register(self.socket, zmq.POLLIN)
         if self.peers:
@@ -73,7 +86,8 @@ class Worker:
                 handle.write(self.endpoint)
             os.replace(temporary, self.options.announce_file)
         else:
-            self.log(f"listening on {self.endpoint}")
+            security_note = "CURVE, coordinator key only" if self.options.keys else "no encryption"
+            self.log(f"listening on {self.endpoint} ({security_note})")
 
     def log(self, text: str) -> None:
         print(f"llmtp {self.name}: {text}", file=sys.stderr, flush=True)
@@ -91,6 +105,8 @@ class Worker:
             if self.peers:
                 self.peers.close()
             self.socket.close(linger=0)
+            if self.authenticator:
+                self.authenticator.stop()
             self.context.term()
 
     def receive(self, timeout_ms: int) -> tuple[Message | None, bytes | None]:
@@ -137,7 +153,8 @@ class Worker:
             self.refuse(identity, str(error))
         except SessionLost as error:
             self.log(f"session dropped: {error}")
-            self.coordinator = None
+            if not error.replaced:
+                self.coordinator = None
         return True
 
     def on_hello(self, message: Message, identity: bytes) -> None:
@@ -253,7 +270,7 @@ class Worker:
             self.reply(identity, protocol.PONG, self.stats())
         elif message.kind == protocol.HELLO:
             self.on_hello(message, identity)
-            raise SessionLost("a new session began mid-step")
+            raise SessionLost("a new session began mid-step", replaced=True)
         elif identity != self.coordinator:
             self.refuse(identity, f"{message.kind.decode()} from a peer that has no session")
         elif message.kind == protocol.BYE:
@@ -308,6 +325,7 @@ def run_worker(shard_path: str, options: WorkerOptions) -> int:
     try:
         worker = Worker(shard, options)
     except zmq.ZMQError as error:
-        raise LlmtpError(f"cannot bind {options.bind}: {error}") from None
+        peer = f" (peer inbox port {options.peer_port})" if options.peer_port else ""
+        raise LlmtpError(f"cannot bind {options.bind}{peer}: {error}") from None
     worker.serve_forever()
     return 0
