@@ -17,8 +17,8 @@ from .cluster_engine import ClusterEngine
 
 def shard_for_config(config: ClusterConfig, progress: bool = True) -> dict[str, list[Path]]:
     """Write <shards>/<host>/ for every host: shard-S-of-N.bin of each worker there, and on
-    the coordinator's host embedding.bin and manifest.json (written last: the folder is
-    complete once it exists). Returns host -> files written."""
+    the coordinator's host embedding.bin, and on every host manifest.json (the coordinator's
+    written last: its folder is complete once it exists). Returns host -> files written."""
     from common.checkpoint import load_checkpoint
     if not config.model.is_file():
         raise ConfigError(f"{config.path}: model: {config.model} does not exist")
@@ -38,6 +38,11 @@ def shard_for_config(config: ClusterConfig, progress: bool = True) -> dict[str, 
         for worker in config.by_shard():
             place(shard_file_name(worker.shard, config.n_workers), worker.host)
         place(EMBEDDING_NAME, config.coordinator.host)
+        # Every host gets the manifest: a worker checks its shard's sha256 against it at start.
+        for host in sorted({worker.host for worker in config.by_shard()} - {config.coordinator.host}):
+            config.host_folder(host).mkdir(exist_ok=True)
+            shutil.copyfile(staging / MANIFEST_NAME, config.host_folder(host) / MANIFEST_NAME)
+            placed[host].append(config.host_folder(host) / MANIFEST_NAME)
         place(MANIFEST_NAME, config.coordinator.host)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -15,6 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--announce", help="write the bound endpoint to this file once listening")
     parser.add_argument("--parent-pid", type=int, help="exit when this process is gone (set by local clusters)")
     parser.add_argument("--threads", type=int, help="BLAS threads (default: all cores)")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip checking the shard's sha256 against the manifest.json beside it")
     parser.add_argument("--timeout", type=float,
                         help="seconds to wait for a reduction mid-step before dropping the session (default 60)")
 
@@ -28,7 +30,8 @@ def cmd_worker(args) -> int:
     from .server import WorkerOptions, run_worker
     return run_worker(settings.shard_path(), WorkerOptions(
         bind=settings.bind, announce_file=args.announce, parent_pid=args.parent_pid,
-        reduce_timeout=settings.reduce_timeout, peer_port=settings.peer_port, keys=settings.keys))
+        reduce_timeout=settings.reduce_timeout, peer_port=settings.peer_port, keys=settings.keys,
+        verify=args.verify))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import zmq
 
 from common import protocol, security
-from common.errors import LlmtpError, ProtocolError
+from common.errors import FormatError, LlmtpError, ProtocolError
 from common.protocol import Message, field_of
 from common.shard_file import Shard
 from common.transformer import SliceModel, StepSequence, no_reduce
@@ -41,6 +41,7 @@ class WorkerOptions:
     max_message_bytes: int = 0  # 0 = derived from the model's size
     peer_port: int | None = None  # peer inbox port (None = any free port)
     keys: security.WorkerKeys | None = None  # CURVE on every socket (see common/security.py)
+    verify: bool = True  # check the shard's sha256 against a manifest.json beside it
 
 
 class Worker:
@@ -315,6 +316,20 @@ def die_with_parent() -> None:
         pass  # not Linux: the parent check in the poll loop still catches it within a tick
 
 
+def verify_against_manifest(shard: Shard) -> None:
+    """A shard beside a manifest.json must match its recorded size and sha256 (a corrupted or
+    truncated copy fails here, with one line, instead of computing nonsense)."""
+    from common.shard_file import MANIFEST_NAME, load_manifest, verify_shard
+    manifest_path = shard.path.parent / MANIFEST_NAME
+    if not manifest_path.exists():
+        return
+    manifest = load_manifest(manifest_path)
+    if manifest.shards[shard.spec.index].file != shard.path.name:
+        raise FormatError(f"{shard.path}: {manifest_path} lists shard {shard.spec.index} as "
+                          f"{manifest.shards[shard.spec.index].file}")
+    verify_shard(manifest, shard.spec.index)
+
+
 def run_worker(shard_path: str, options: WorkerOptions) -> int:
     from common.shard_file import load_shard
     if options.parent_pid:
@@ -322,6 +337,8 @@ def run_worker(shard_path: str, options: WorkerOptions) -> int:
         if os.getppid() != options.parent_pid:
             return 0
     shard = load_shard(shard_path)
+    if options.verify:
+        verify_against_manifest(shard)
     try:
         worker = Worker(shard, options)
     except zmq.ZMQError as error:
