@@ -6,7 +6,7 @@
     coordinator: {host: 10.0.0.1}
     workers:                             # one per shard
       - {host: 10.0.0.2, port: 5555, shard: 0, threads: 8}
-    timeouts: {reply: 30, reduce: 60}    # optional
+    timeouts: {reply: 30, reduce: 60, liveness: 5, recover: 60}    # optional
     reduce: peers                        # optional: peers | star
     keys: {coordinator_public: ..., coordinator_secret: ..., worker_public: ..., worker_secret: ...}
 
@@ -18,6 +18,7 @@ Without `keys` every address must be loopback (the links would be plaintext).
 Imports no numpy: a worker reads its thread count from here before numpy loads.
 """
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -40,6 +41,11 @@ _REQUIRED = object()
 class Timeouts:
     reply: float = 30.0  # coordinator: seconds to wait for any worker reply (handshake, step)
     reduce: float = 60.0  # worker: seconds to wait for the other workers' partials mid-step
+    liveness: float = 5.0  # coordinator: a silent connection (no heartbeat) counts as lost after this
+    recover: float = 60.0  # coordinator: seconds to wait for a lost worker to come back (systemd)
+
+
+TIMEOUT_FIELDS = tuple(field.name for field in dataclasses.fields(Timeouts))
 
 
 @dataclass(frozen=True)
@@ -190,7 +196,8 @@ class _Reader:
         shards = top.take("shards", self.file_path, "a folder path")
         coordinator = top.take("coordinator", self.coordinator, "a mapping with host")
         workers = top.take("workers", self.workers, "a list of worker mappings")
-        timeouts = top.take("timeouts", self.timeouts, "a mapping with reply, reduce", default=Timeouts())
+        timeouts = top.take("timeouts", self.timeouts, "a mapping with " + ", ".join(TIMEOUT_FIELDS),
+                            default=Timeouts())
         reduce = top.take("reduce", _choice(REDUCE_MODES), " or ".join(REDUCE_MODES), default="peers")
         keys = top.take("keys", self.keys, "a mapping with " + ", ".join(KEY_FIELDS), default=None)
         top.done()
@@ -271,10 +278,10 @@ class _Reader:
                 used[key] = field
 
     def timeouts(self, value, where: str) -> Timeouts:
-        section = _Section(self, where, value, "a mapping with reply, reduce")
+        section = _Section(self, where, value, "a mapping with " + ", ".join(TIMEOUT_FIELDS))
         seconds, allowed = _positive_number, "a number of seconds > 0"
-        timeouts = Timeouts(reply=section.take("reply", seconds, allowed, default=Timeouts.reply),
-                            reduce=section.take("reduce", seconds, allowed, default=Timeouts.reduce))
+        timeouts = Timeouts(**{name: section.take(name, seconds, allowed, default=getattr(Timeouts, name))
+                               for name in TIMEOUT_FIELDS})
         section.done()
         return timeouts
 

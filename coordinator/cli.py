@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "shard folder and timeouts")
     gen.add_argument("--timeout", type=float, help="seconds to wait for any worker reply "
                      "(default 30, or the config's timeouts.reply)")
-    gen.add_argument("--recover-wait", type=float, default=30.0,
-                     help="seconds to wait for a lost worker to come back before giving up (default 30)")
+    gen.add_argument("--recover-wait", type=float,
+                     help="seconds to wait for a lost worker to come back before giving up "
+                          "(default 30, or the config's timeouts.recover)")
     gen.set_defaults(handler=cmd_generate)
 
     shard = commands.add_parser("shard", help="cut a checkpoint into one shard file per worker")
@@ -156,7 +157,7 @@ def cmd_generate(args) -> int:
     engine = open_engine()
     if hasattr(engine, "recover"):  # workers: survive losing one (restart or wait, rebuild, go on)
         from .recovery import RecoveringEngine
-        engine = RecoveringEngine(engine, wait_seconds=args.recover_wait)
+        engine = RecoveringEngine(engine, wait_seconds=args.recover_wait or 30.0)
     decoder = tokenizer.stream_decoder()
     decoder.push(tokenizer.bos_id)
 
@@ -214,6 +215,8 @@ def plan_config_engine(args):
     cluster = load_cluster_config(args.config)
     manifest = coordinator_manifest(cluster)
     tokenizer = Path(args.tokenizer) if args.tokenizer else cluster.tokenizer
+    if args.recover_wait is None:
+        args.recover_wait = cluster.timeouts.recover
     return manifest.config, tokenizer, lambda: open_config_engine(cluster, manifest, timeout=args.timeout)
 
 

@@ -71,4 +71,4 @@ def open_config_engine(config: ClusterConfig, manifest: Manifest | None = None, 
         print(config.plaintext_notice(), file=sys.stderr)
     return ClusterEngine(manifest.config, load_embedding(manifest), [w.endpoint for w in config.by_shard()],
                          manifest.source_sha256, n_slots=n_slots, timeout=timeout or config.timeouts.reply,
-                         reduce=config.reduce, keys=keys)
+                         reduce=config.reduce, keys=keys, liveness=config.timeouts.liveness)
