@@ -180,7 +180,7 @@ def plan_engine(args):
 
     With workers, the coordinator maps only the shard folder's embedding table; the
     checkpoint itself is read once, to shard it into the cache."""
-    from common.shard_file import load_manifest
+    from common.manifest import load_manifest
     from . import local_cluster
 
     if args.config is not None:

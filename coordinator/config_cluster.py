@@ -8,9 +8,9 @@ from pathlib import Path
 
 from common.cluster_config import ClusterConfig
 from common.errors import ConfigError
+from common.manifest import MANIFEST_NAME, Manifest, load_manifest
 from common.security import load_coordinator_keys
-from common.shard_file import EMBEDDING_NAME, MANIFEST_NAME, Manifest, load_embedding, load_manifest, \
-    shard_file_name, write_shards
+from common.shard_file import EMBEDDING_NAME, load_embedding, shard_file_name, write_shards
 
 from .cluster_engine import ClusterEngine
 

@@ -77,7 +77,7 @@ def start_workers(shard_folder: Path, n_workers: int, run_folder: Path, tied_to_
 
     tied_to_us: the workers exit when this process does (one `generate`); otherwise they
     are detached daemons (`cluster up`) that log into run_folder."""
-    from common.shard_file import load_manifest
+    from common.manifest import load_manifest
     manifest = load_manifest(shard_folder)
     run_folder.mkdir(parents=True, exist_ok=True)
     processes: list[subprocess.Popen] = []
@@ -166,7 +166,7 @@ class LocalClusterEngine(ClusterEngine):
     def recover(self, wait_seconds: float, lost: set[int] = frozenset()) -> None:
         """Restart every worker that died or was reported lost (a hung one is killed first),
         then reconnect all of them in a new session."""
-        from common.shard_file import load_manifest
+        from common.manifest import load_manifest
         manifest = load_manifest(self.shard_folder)
         for link in self.links:
             if link.index not in lost and link.process.poll() is None:
@@ -188,7 +188,8 @@ class LocalClusterEngine(ClusterEngine):
 def open_local_engine(shard_folder: Path, n_workers: int, n_slots: int = 1, timeout: float = 30.0,
                       reduce: str = "peers"):
     """Start workers for a shard folder and connect to them; close() stops them."""
-    from common.shard_file import load_embedding, load_manifest
+    from common.manifest import load_manifest
+    from common.shard_file import load_embedding
     manifest = load_manifest(shard_folder)
     run_folder = Path(tempfile.mkdtemp(prefix="llmtp-run-"))
     started = start_workers(shard_folder, n_workers, run_folder, tied_to_us=True)
@@ -232,7 +233,8 @@ def read_cluster_state(state_file: Path) -> dict:
 
 
 def open_cluster_engine(state: dict, n_slots: int = 1, timeout: float = 30.0) -> ClusterEngine:
-    from common.shard_file import load_embedding, load_manifest
+    from common.manifest import load_manifest
+    from common.shard_file import load_embedding
     shard_folder = Path(state["shards"])
     manifest = load_manifest(shard_folder)
     return ClusterEngine(manifest.config, load_embedding(shard_folder),

@@ -3,7 +3,8 @@
 from pathlib import Path
 
 from common.checkpoint import load_checkpoint
-from common.shard_file import Manifest, write_shards
+from common.manifest import Manifest
+from common.shard_file import write_shards
 
 
 def run_shard(checkpoint_path: str | Path, n_workers: int, out_dir: str | Path, progress: bool = True) -> Manifest:

@@ -7,7 +7,7 @@ import threading
 
 import numpy as np
 
-from common.shard_file import slice_weights
+from common.slicing import slice_weights
 from common.split import plan_split
 from common.transformer import SliceModel
 

@@ -13,8 +13,9 @@ import pytest
 from cli_runner import llmtp_command
 from common.checkpoint import load_checkpoint
 from common.errors import WorkerError
+from common.manifest import load_manifest
 from common.sampler import Sampler, SamplerConfig
-from common.shard_file import load_embedding, load_manifest, write_shards
+from common.shard_file import load_embedding, write_shards
 from common.transformer import StepSequence
 from coordinator.cluster_engine import ClusterEngine, WorkerLost
 from coordinator.generate import generate

@@ -9,7 +9,8 @@ import zmq
 from common import protocol
 from common.checkpoint import load_checkpoint
 from common.engine import LocalEngine
-from common.shard_file import load_embedding, load_manifest, write_shards
+from common.manifest import load_manifest
+from common.shard_file import load_embedding, write_shards
 from common.transformer import StepSequence
 from coordinator.cluster_engine import ClusterEngine
 from coordinator.local_cluster import start_workers, stop_processes

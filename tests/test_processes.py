@@ -14,7 +14,8 @@ import zmq
 from cli_runner import llmtp_command, run_llmtp
 from common.checkpoint import load_checkpoint
 from common.errors import WorkerError
-from common.shard_file import load_embedding, load_manifest, write_shards
+from common.manifest import load_manifest
+from common.shard_file import load_embedding, write_shards
 from common.transformer import StepSequence
 from coordinator.cluster_engine import ClusterEngine
 from coordinator.local_cluster import open_local_engine, start_workers, stop_processes

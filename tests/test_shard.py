@@ -18,9 +18,10 @@ import pytest
 import common.shard_file as shard_file
 from common.checkpoint import load_checkpoint
 from common.errors import ConfigError, FormatError
+from common.manifest import load_manifest, verify_embedding, verify_shard
 from common.ops import rmsnorm
-from common.shard_file import (load_embedding, load_manifest, load_shard, slice_weights, verify_embedding,
-                               verify_shard, write_shards)
+from common.shard_file import load_embedding, load_shard, write_shards
+from common.slicing import named_matrices, slice_weights
 from common.split import full_slice, plan_split
 from common.transformer import SliceModel, StepSequence
 from common.weights import QuantizedMatrix
@@ -220,7 +221,7 @@ def test_slice_weights_matches_the_written_shard(checkpoints, sharded):
     spec = manifest.shards[1].spec
     in_memory = slice_weights(checkpoints["int8"].weights, spec, CONFIG)
     on_disk = load_shard(manifest.shard_path(1)).weights
-    for got, want in zip(shard_file.named_matrices(on_disk), shard_file.named_matrices(in_memory)):
+    for got, want in zip(named_matrices(on_disk), named_matrices(in_memory)):
         for a, b in zip(components(got[1]), components(want[1])):
             assert np.array_equal(a, b), got[0]
 

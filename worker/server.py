@@ -319,7 +319,7 @@ def die_with_parent() -> None:
 def verify_against_manifest(shard: Shard) -> None:
     """A shard beside a manifest.json must match its recorded size and sha256 (a corrupted or
     truncated copy fails here, with one line, instead of computing nonsense)."""
-    from common.shard_file import MANIFEST_NAME, load_manifest, verify_shard
+    from common.manifest import MANIFEST_NAME, load_manifest, verify_shard
     manifest_path = shard.path.parent / MANIFEST_NAME
     if not manifest_path.exists():
         return
