@@ -59,13 +59,15 @@ def silu(x: np.ndarray) -> np.ndarray:
 def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, first_position: int) -> np.ndarray:
     """Causal attention of T new queries against every cached position of one sequence.
 
-    q: (H, T, D) for the H query heads sharing one kv head; keys, values: (P, D) with
-    P = first_position + T. Query t sits at position first_position + t and sees
-    keys 0..first_position + t. Returns (H, T, D).
+    q: (..., H, T, D), the H query heads that share one kv head; keys, values: (..., P, D)
+    with P = first_position + T (leading dims broadcast, e.g. one per kv head). Query t
+    sits at position first_position + t and sees keys 0..first_position + t.
+    Returns (..., H, T, D).
     """
     head_dim = q.shape[-1]
-    n_new, n_seen = q.shape[1], keys.shape[0]
-    scores = (q @ keys.T) * np.float32(1.0 / np.sqrt(head_dim))  # (H, T, P)
+    n_new, n_seen = q.shape[-2], keys.shape[-2]
+    keys, values = keys[..., None, :, :], values[..., None, :, :]  # broadcast over the H query heads
+    scores = (q @ keys.swapaxes(-1, -2)) * np.float32(1.0 / np.sqrt(head_dim))  # (..., H, T, P)
     if n_new > 1:
         query_pos = first_position + np.arange(n_new)[:, None]
         future = np.arange(n_seen)[None, :] > query_pos  # (T, P)

@@ -60,6 +60,7 @@ class SliceModel:
         self.cache = KVCache(config.n_layers, n_slots, spec.n_kv_heads_local, config.seq_len, config.head_dim)
         self.rope_cos, self.rope_sin = rope_tables(config.seq_len, config.head_dim)
         self.kv_groups = spec.kv_groups(config)
+        self.heads_per_kv_head = _uniform_group_size(self.kv_groups)
         self.dequant_scratch = _scratch_for_quantized(weights)
 
     def forward(self, x: np.ndarray, sequences: Sequence[StepSequence], allreduce: AllReduce = no_reduce,
@@ -101,11 +102,17 @@ class SliceModel:
             cached_values = self.cache.values[layer_index, seq.slot]
             cached_keys[:, seq.start_position:end] = k[rows].transpose(1, 0, 2)
             cached_values[:, seq.start_position:end] = v[rows].transpose(1, 0, 2)
-            for kv_local, first_head, stop_head in self.kv_groups:
-                q_group = q[rows, first_head:stop_head].transpose(1, 0, 2)  # (H_group, T_seq, D)
-                out = attention(q_group, cached_keys[kv_local, :end], cached_values[kv_local, :end],
-                                seq.start_position)
-                heads_out[rows, first_head:stop_head] = out.transpose(1, 0, 2)
+            if self.heads_per_kv_head:  # every kv head serves as many query heads: one batched call
+                n_kv, group = self.spec.n_kv_heads_local, self.heads_per_kv_head
+                q_grouped = q[rows].transpose(1, 0, 2).reshape(n_kv, group, seq.n_tokens, head_dim)
+                out = attention(q_grouped, cached_keys[:, :end], cached_values[:, :end], seq.start_position)
+                heads_out[rows] = out.reshape(-1, seq.n_tokens, head_dim).transpose(1, 0, 2)
+            else:  # a cut through a group left this worker uneven groups: one call per kv head
+                for kv_local, first_head, stop_head in self.kv_groups:
+                    q_group = q[rows, first_head:stop_head].transpose(1, 0, 2)  # (H_group, T_seq, D)
+                    out = attention(q_group, cached_keys[kv_local, :end], cached_values[kv_local, :end],
+                                    seq.start_position)
+                    heads_out[rows, first_head:stop_head] = out.transpose(1, 0, 2)
             row += seq.n_tokens
         return self.matmul(heads_out.reshape(n_tokens, -1), layer.wo)
 
@@ -136,6 +143,14 @@ class SliceModel:
                     seq.start_position + seq.n_tokens > self.config.seq_len:
                 raise ProtocolError(f"positions {seq.start_position}..{seq.start_position + seq.n_tokens - 1} "
                                     f"outside the context 0..{self.config.seq_len - 1}")
+
+
+def _uniform_group_size(kv_groups: list[tuple[int, int, int]]) -> int | None:
+    """The number of query heads per kv head when every local kv head g serves the same
+    number of consecutive local query heads starting at g * that number, else None."""
+    size = kv_groups[0][2] - kv_groups[0][1]
+    uniform = all(first == kv_local * size and stop - first == size for kv_local, first, stop in kv_groups)
+    return size if uniform else None
 
 
 def _scratch_for_quantized(weights: ShardWeights) -> np.ndarray | None:
