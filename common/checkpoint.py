@@ -25,14 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ROPE_THETA, ModelConfig
+from .config import ModelConfig
 from .errors import ConfigError, FormatError
+from .ops import rope_tables
 from .quantize import (as_float32, check_group_size, default_group_size, group_size_problem,
                        quantize_q80, valid_group_sizes)
 from .weights import LayerWeights, ModelWeights, QuantizedMatrix
 
 __all__ = ["Checkpoint", "TensorSpec", "load_checkpoint", "write_checkpoint", "convert_checkpoint",
-           "describe_checkpoint", "tensor_layout", "checkpoint_size", "rope_tables",
+           "describe_checkpoint", "tensor_layout", "checkpoint_size",
            "valid_group_sizes", "default_group_size", "VERSIONS", "MAGIC"]
 
 MAGIC = 0x616B3432  # "ak42"
@@ -225,7 +226,9 @@ def write_checkpoint(path: str | os.PathLike, config: ModelConfig, weights: Mode
     group_size = _output_group_size(config, weights, version, group_size)
     if config.shared_classifier and weights.classifier is not weights.token_embedding:
         raise ValueError("config says shared_classifier but weights.classifier is not token_embedding")
-    rope = dict(zip(("rope_cos", "rope_sin"), rope_tables(config))) if version == 0 else {}
+    # version 0 stores the RoPE tables llama2.c's model.py computes; ours are the same numbers
+    rope = (dict(zip(("rope_cos", "rope_sin"), rope_tables(config.seq_len, config.head_dim)))
+            if version == 0 else {})
     partial = path.with_name(path.name + ".partial")
     try:
         with open(partial, "wb") as out:
@@ -276,17 +279,6 @@ def _write_tensor(out, spec: TensorSpec, tensor, group_size: int | None) -> None
         tensor = quantize_q80(as_float32(tensor), group_size)
     out.write(np.ascontiguousarray(tensor.values, dtype=np.int8).data)
     out.write(np.ascontiguousarray(tensor.scales, dtype="<f4").data)
-
-
-def rope_tables(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """The cos and sin tables a version-0 file stores, (seq_len, head_dim/2) each, as llama2.c's
-    model.py computes them: freq_i = 1 / theta^(2i/head_dim), angle = pos * freq_i (float32)."""
-    head_dim = config.head_dim
-    exponents = np.arange(0, head_dim, 2, dtype=np.float32)[: head_dim // 2] / np.float32(head_dim)
-    freqs = np.float32(1.0) / np.power(np.float32(ROPE_THETA), exponents)
-    angles = np.outer(np.arange(config.seq_len, dtype=np.float32), freqs).astype(np.float64)
-    # cos/sin rounded once to float32; torch's float32 kernels may differ in the last bit
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
 def convert_checkpoint(in_path: str | os.PathLike, out_path: str | os.PathLike, version: int,
