@@ -56,13 +56,29 @@ def ensure_shards(checkpoint_path: Path, n_workers: int) -> Path:
     return folder
 
 
+def usable_cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        list(range(os.cpu_count() or 1))
+
+
 def blas_threads_env(n_workers: int) -> dict:
     """Give each worker its share of the cores, so N workers never oversubscribe."""
-    threads = str(max(1, (os.cpu_count() or 1) // n_workers))
+    threads = str(max(1, len(usable_cpus()) // n_workers))
     env = dict(os.environ)
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[name] = threads
     return env
+
+
+def cpu_share(index: int, n_workers: int) -> list[int] | None:
+    """The cores worker `index` is pinned to: its own contiguous share when every worker can
+    have at least one (pinned, two workers' memory-bound half-layers finish more evenly and
+    each sync waits less: 110M decode at 2 workers 26.8 -> 25.0 ms/token); None otherwise."""
+    cpus = usable_cpus()
+    if n_workers < 2 or n_workers > len(cpus):
+        return None
+    per_worker = len(cpus) // n_workers
+    return cpus[index * per_worker:(index + 1) * per_worker]
 
 
 @dataclass
@@ -105,6 +121,9 @@ def launch_worker(shard_path: Path, index: int, n_workers: int, run_folder: Path
     announce.unlink(missing_ok=True)
     command = [sys.executable, "-m", "worker", "--shard", str(shard_path), "--bind", f"tcp://{host}:*",
                "--announce", str(announce)]
+    cpus = cpu_share(index, n_workers)
+    if cpus:
+        command += ["--cpus", ",".join(map(str, cpus))]
     log = None
     if tied_to_us:
         command += ["--parent-pid", str(os.getpid())]

@@ -200,3 +200,37 @@ def test_junk_on_a_worker_port_is_survived(sharded_stories, one_worker, stories2
                                    local.step(tokens, [StepSequence(0, 0, 5)]), atol=1e-5, rtol=1e-6)
     finally:
         engine.close()
+
+
+def test_local_workers_are_pinned_to_their_own_cores(sharded_stories):
+    from coordinator.local_cluster import cpu_share, usable_cpus
+    if len(usable_cpus()) < 2:
+        pytest.skip("one usable core: nothing to pin")
+    engine = open_local_engine(sharded_stories, 2)
+    try:
+        pinned = []
+        for process in engine.processes:
+            with open(f"/proc/{process.pid}/status") as status:
+                allowed = next(line for line in status if line.startswith("Cpus_allowed_list:")).split()[1]
+            pinned.append(expand_cpu_list(allowed))
+        expected = [cpu_share(i, 2) for i in range(2)]
+        assert pinned == expected and pinned[0] != pinned[1]
+    finally:
+        engine.close()
+
+
+def expand_cpu_list(text: str) -> list[int]:
+    """/proc's "0-2,5" -> [0, 1, 2, 5]."""
+    cpus = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cpus.extend(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def test_cpu_share_splits_cores_only_when_each_worker_gets_one(monkeypatch):
+    from coordinator import local_cluster
+    monkeypatch.setattr(local_cluster, "usable_cpus", lambda: [0, 1, 2, 3])
+    assert [local_cluster.cpu_share(i, 2) for i in range(2)] == [[0, 1], [2, 3]]
+    assert [local_cluster.cpu_share(i, 3) for i in range(3)] == [[0], [1], [2]]
+    assert local_cluster.cpu_share(0, 1) is None and local_cluster.cpu_share(0, 5) is None

@@ -15,6 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--announce", help="write the bound endpoint to this file once listening")
     parser.add_argument("--parent-pid", type=int, help="exit when this process is gone (set by local clusters)")
     parser.add_argument("--threads", type=int, help="BLAS threads (default: all cores)")
+    parser.add_argument("--cpus", help="pin this worker (and its BLAS threads) to these cores, e.g. 0,1")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip checking the shard's sha256 against the manifest.json beside it")
     parser.add_argument("--timeout", type=float,
@@ -24,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_worker(args) -> int:
     from .settings import settings_from_args
     settings = settings_from_args(args)
+    if args.cpus:  # before numpy and zmq start their threads, so that they inherit it
+        pin_to_cpus(args.cpus)
     if settings.threads > 0:  # must precede numpy's import to take effect
         for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[name] = str(settings.threads)
@@ -32,6 +35,16 @@ def cmd_worker(args) -> int:
         bind=settings.bind, announce_file=args.announce, parent_pid=args.parent_pid,
         reduce_timeout=settings.reduce_timeout, peer_port=settings.peer_port, keys=settings.keys,
         verify=args.verify))
+
+
+def pin_to_cpus(text: str) -> None:
+    from common.errors import ConfigError
+    try:
+        cpus = {int(cpu) for cpu in text.split(",")}
+        os.sched_setaffinity(0, cpus)
+    except (ValueError, OSError) as error:
+        raise ConfigError(f"--cpus {text!r}: expected a comma-separated list of usable core numbers "
+                          f"({error})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
