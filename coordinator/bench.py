@@ -162,9 +162,11 @@ def time_engine(engine, config: ModelConfig, prompt_tokens: int, decode_tokens: 
     rng = np.random.default_rng(1)
     prompt = rng.integers(3, config.vocab_size, prompt_tokens)
     engine.step(prompt[:8], [StepSequence(0, 0, 8)])  # warm up: page in weights, start BLAS threads
-    started = time.perf_counter()
-    logits = engine.step(prompt, [StepSequence(0, 0, prompt_tokens)])
-    prefill_seconds = time.perf_counter() - started
+    prefill_seconds = float("inf")
+    for _ in range(3):  # one prefill is a single sample on a noisy machine: keep the best of three
+        started = time.perf_counter()
+        logits = engine.step(prompt, [StepSequence(0, 0, prompt_tokens)])
+        prefill_seconds = min(prefill_seconds, time.perf_counter() - started)
 
     walls, maths, waits, forwards = [], [], [], []
     token = int(np.argmax(logits[0]))
@@ -207,9 +209,11 @@ def time_hf(checkpoint, prompt_tokens: int, decode_tokens: int) -> EngineResult 
     prompt = torch.tensor(rng.integers(3, checkpoint.config.vocab_size, (1, prompt_tokens)))
     with torch.inference_mode():
         model(input_ids=prompt[:, :8])
-        started = time.perf_counter()
-        output = model(input_ids=prompt, use_cache=True)
-        prefill_seconds = time.perf_counter() - started
+        prefill_seconds = float("inf")
+        for _ in range(3):  # best of three, as for llmtp's engines
+            started = time.perf_counter()
+            output = model(input_ids=prompt, use_cache=True)
+            prefill_seconds = min(prefill_seconds, time.perf_counter() - started)
         cache, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
         walls = []
         for _ in range(decode_tokens):
