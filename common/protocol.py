@@ -19,7 +19,8 @@ from .errors import ProtocolError
 PROTOCOL_VERSION = 1
 
 # coordinator -> worker
-HELLO = b"HELLO"  # {protocol_version, model_sha256, shard_index, n_shards, n_slots, session, reduce}
+HELLO = b"HELLO"  # {protocol_version, model_sha256, shard_index, n_shards, n_slots, session, reduce
+#                    [, shm_name, shm_rows]}
 PEERS = b"PEERS"  # {endpoints}: every worker's peer inbox, for reduce "peers"; answered CONNECTED
 STEP = b"STEP"  # {step_id, sequences: [[slot, start_position, n_tokens]...], all_logits}; x (T, dim)
 REDUCED = b"REDUCED"  # {step_id, sync}; the sum of every worker's partial (T, dim)
@@ -36,7 +37,9 @@ ERROR = b"ERROR"  # {message}
 
 MESSAGE_TYPES = frozenset({HELLO, PEERS, STEP, REDUCED, PING, BYE, SHUTDOWN,
                            READY, CONNECTED, PARTIAL, LOGITS, PONG, ERROR})
-REDUCE_MODES = ("peers", "star")  # workers exchange partials directly, or via the coordinator
+# peers: workers exchange partials directly over ZeroMQ; star: via the coordinator;
+# shm: through a shared-memory segment the coordinator creates (local clusters only)
+REDUCE_MODES = ("peers", "star", "shm")
 ARRAY_DTYPES = {"float32": np.float32}
 ZERO_COPY_MIN_BYTES = 65536  # below this, copying is cheaper than pinning the buffer
 

@@ -26,6 +26,7 @@ from common.transformer import StepSequence
 from common.weights import Matrix, embed_tokens
 
 HEARTBEAT_INTERVAL_MS = 1000
+SHM_CAPACITY_ROWS = 512  # rows per worker slot in a shared-memory segment; longer steps use peers
 
 
 class WorkerLost(WorkerError):
@@ -68,14 +69,21 @@ class ClusterEngine:
         self.timeout = timeout
         self.liveness = liveness
         self.keys = keys
+        self.shared_memory = None  # the "shm" reduce mode's segment of the current session
         self.reduce_mode = reduce if len(endpoints) > 1 else "star"
         self.step_id = 0
         self.last_step_timing: list[dict] = []  # per worker: forward_s, reduce_s of the last step
         self.context = zmq.Context()
         self.links = [WorkerLink(index, endpoint, processes[index] if processes else None)
                       for index, endpoint in enumerate(endpoints)]
-        self.open_links()
-        self.handshake(self.timeout)
+        try:
+            self.open_links()
+            self.handshake(self.timeout)
+        except BaseException:  # leave no sockets, threads or shared memory behind
+            self.close_links()
+            self.context.term()
+            self.release_shared_memory()
+            raise
 
     def open_links(self) -> None:
         for link in self.links:
@@ -123,16 +131,37 @@ class ClusterEngine:
 
     def handshake(self, timeout: float) -> None:
         session = uuid.uuid4().hex
+        hello = {"protocol_version": protocol.PROTOCOL_VERSION, "model_sha256": self.model_sha256,
+                 "n_shards": len(self.links), "n_slots": self.n_slots, "session": session,
+                 "reduce": self.reduce_mode}
+        if self.reduce_mode == "shm":
+            hello.update(self.new_shared_memory())
         for link in self.links:
-            protocol.send(link.socket, protocol.HELLO, {
-                "protocol_version": protocol.PROTOCOL_VERSION, "model_sha256": self.model_sha256,
-                "shard_index": link.index, "n_shards": len(self.links), "n_slots": self.n_slots,
-                "session": session, "reduce": self.reduce_mode})
+            protocol.send(link.socket, protocol.HELLO, {**hello, "shard_index": link.index})
         deadline = time.monotonic() + timeout
         for link in self.links:
             link.info = self.receive(link, protocol.READY, deadline, "handshake").header
-        if self.reduce_mode == "peers":
+        if self.reduce_mode in ("peers", "shm"):  # shm falls back to the peers for long prefills
             self.connect_peers(session, deadline)
+
+    def new_shared_memory(self) -> dict:
+        """A fresh, zeroed segment for this session's shared-memory all-reduce (the old one,
+        if any, is released: a restarted worker must not see stale counters)."""
+        from multiprocessing import shared_memory
+
+        from worker.shm_exchange import segment_bytes
+        self.release_shared_memory()
+        rows = min(self.config.seq_len, SHM_CAPACITY_ROWS)
+        self.shared_memory = shared_memory.SharedMemory(
+            create=True, size=segment_bytes(len(self.links), rows, self.config.dim))
+        self.shared_memory.buf[:] = bytes(self.shared_memory.size)
+        return {"shm_name": self.shared_memory.name, "shm_rows": rows}
+
+    def release_shared_memory(self) -> None:
+        if self.shared_memory is not None:
+            self.shared_memory.close()
+            self.shared_memory.unlink()
+            self.shared_memory = None
 
     def connect_peers(self, session: str, deadline: float) -> None:
         """Tell every worker where the others' peer inboxes are (at the host we reached it on)."""
@@ -249,6 +278,7 @@ class ClusterEngine:
         self.close_links(protocol.SHUTDOWN if shutdown_workers else protocol.BYE)
         self.links = []
         self.context.term()
+        self.release_shared_memory()
 
 
 def _exit_fd(process) -> int | None:

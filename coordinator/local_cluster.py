@@ -4,6 +4,7 @@ connect, and stop them all afterwards (or keep them up for `llmtp cluster`)."""
 import hashlib
 import json
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -204,8 +205,16 @@ class LocalClusterEngine(ClusterEngine):
         shutil.rmtree(self.run_folder, ignore_errors=True)
 
 
+def default_reduce_mode(n_workers: int) -> str:
+    """Shared memory when every worker has a core of its own to spin on and stores are seen in
+    program order (x86-64); otherwise the ZeroMQ peer exchange."""
+    if 1 < n_workers <= len(usable_cpus()) and platform.machine().lower() in ("x86_64", "amd64"):
+        return "shm"
+    return "peers"
+
+
 def open_local_engine(shard_folder: Path, n_workers: int, n_slots: int = 1, timeout: float = 30.0,
-                      reduce: str = "peers"):
+                      reduce: str | None = None):
     """Start workers for a shard folder and connect to them; close() stops them."""
     from common.manifest import load_manifest
     from common.shard_file import load_embedding
@@ -215,7 +224,7 @@ def open_local_engine(shard_folder: Path, n_workers: int, n_slots: int = 1, time
     return LocalClusterEngine(manifest.config, load_embedding(shard_folder), [w.endpoint for w in started],
                               manifest.source_sha256, n_slots=n_slots, timeout=timeout,
                               processes=[w.process for w in started], shard_folder=shard_folder,
-                              run_folder=run_folder, reduce=reduce)
+                              run_folder=run_folder, reduce=reduce or default_reduce_mode(n_workers))
 
 
 # `llmtp cluster up / down`: detached workers described by a state file.

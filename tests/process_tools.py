@@ -35,3 +35,16 @@ def wait_until_gone(pids, timeout: float) -> list[int]:
             return []
         time.sleep(0.05)
     return [pid for pid in pids if is_alive(pid)]
+
+
+def worker_children_of(pid: int) -> list[int]:
+    """The llmtp worker processes among pid's children (not, e.g., multiprocessing's resource tracker)."""
+    workers = []
+    for child in children_of(pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as handle:
+                if b"-m\x00worker" in handle.read():
+                    workers.append(child)
+        except OSError:
+            pass
+    return workers

@@ -133,3 +133,22 @@ def test_reduce_through_the_coordinator_matches_too(random_checkpoint, tmp_path,
         assert_same_as_single_process(engine, reference, prompt, 10, config.vocab_size)
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("capacity_rows", [512, 4])
+def test_shared_memory_reduce_matches_and_falls_back_for_long_steps(random_checkpoint, tmp_path, monkeypatch,
+                                                                   capacity_rows):
+    """reduce "shm" (local default when every worker has a core); with 4-row slots the
+    6-token prefill goes through the ZeroMQ peers instead, decode through shared memory."""
+    import coordinator.cluster_engine as cluster_engine
+    monkeypatch.setattr(cluster_engine, "SHM_CAPACITY_ROWS", capacity_rows)
+    config = random_checkpoint.config
+    reference = LocalEngine(config, random_checkpoint.weights)
+    write_shards(random_checkpoint, 3, tmp_path, progress=False)
+    engine = open_local_engine(tmp_path, 3, reduce="shm")
+    try:
+        assert engine.reduce_mode == "shm"
+        prompt = [t % config.vocab_size for t in PROMPT]
+        assert_same_as_single_process(engine, reference, prompt, 10, config.vocab_size)
+    finally:
+        engine.close()

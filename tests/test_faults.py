@@ -22,7 +22,7 @@ from coordinator.generate import generate
 from coordinator.local_cluster import launch_worker, open_local_engine, start_workers, stop_processes, \
     wait_for_announce
 from coordinator.recovery import RecoveringEngine
-from process_tools import children_of, wait_until_gone
+from process_tools import wait_until_gone, worker_children_of
 
 
 def reference(stories260k, case):
@@ -68,7 +68,7 @@ def test_cli_survives_kill_9_of_a_worker(stories260k):
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         head = process.stdout.read(30)
-        workers = children_of(process.pid)
+        workers = worker_children_of(process.pid)
         assert len(workers) == 2
         os.kill(workers[1], signal.SIGKILL)
         rest, stderr = read_to_end(process)

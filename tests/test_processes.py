@@ -20,7 +20,7 @@ from common.transformer import StepSequence
 from coordinator.cluster_engine import ClusterEngine
 from coordinator.local_cluster import open_local_engine, start_workers, stop_processes
 from model_factory import make_config, write_random_checkpoint
-from process_tools import children_of, wait_until_gone
+from process_tools import wait_until_gone, worker_children_of
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_ctrl_c_keeps_text_stops_workers_and_exits_130(stories260k):
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first_text = process.stdout.read(40)  # generation is under way
-        worker_pids = children_of(process.pid)
+        worker_pids = worker_children_of(process.pid)
         assert len(worker_pids) == 2
         process.send_signal(signal.SIGINT)
         rest = process.stdout.read()  # not communicate(): it would skip what the text wrapper buffered

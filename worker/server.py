@@ -67,6 +67,7 @@ class Worker:
         self.socket.bind(options.bind)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.peers = None
+        self.shm = None  # ShmExchange of the current session, for reduce "shm"
         if self.endpoint.startswith("tcp://") and shard.spec.count > 1:
             host = self.endpoint[len("tcp://"):].rsplit(":", 1)[0]
             self.peers = PeerExchange(self.context, host, shard.spec.index, shard.spec.count, max_bytes,
@@ -105,6 +106,8 @@ class Worker:
         finally:
             if self.peers:
                 self.peers.close()
+            if self.shm:
+                self.shm.close()
             self.socket.close(linger=0)
             if self.authenticator:
                 self.authenticator.stop()
@@ -169,8 +172,10 @@ class Worker:
         if not 1 <= n_slots <= 1024:
             raise ProtocolError(f"handshake refused: n_slots {n_slots} outside 1..1024")
         reduce_mode = message.header.get("reduce", "star")
-        if reduce_mode not in protocol.REDUCE_MODES or (reduce_mode == "peers" and self.peers is None):
+        if reduce_mode not in protocol.REDUCE_MODES or (reduce_mode in ("peers", "shm") and self.peers is None):
             raise ProtocolError(f"handshake refused: reduce {reduce_mode!r} is not available here")
+        if reduce_mode == "shm":
+            self.attach_shared_memory(message)
         if self.model is None or self.model.cache.n_slots != n_slots:
             self.model = SliceModel(self.shard.config, self.shard.spec, self.shard.weights, n_slots)
         if self.coordinator is not None and self.coordinator != identity:
@@ -181,6 +186,17 @@ class Worker:
             "shard_index": self.shard.spec.index, "n_shards": self.shard.spec.count,
             "spec": self.shard.spec.to_dict(), "pid": os.getpid(),
             "peer_port": self.peers.port if self.peers else None, **self.stats()})
+
+    def attach_shared_memory(self, message: Message) -> None:
+        from .shm_exchange import ShmExchange
+        name, rows = field_of(message, "shm_name", str), field_of(message, "shm_rows", int)
+        if self.shm:
+            self.shm.close()
+            self.shm = None
+        try:
+            self.shm = ShmExchange(name, self.shard.spec.index, self.shard.spec.count, rows, self.shard.config.dim)
+        except (OSError, ValueError) as error:
+            raise ProtocolError(f"handshake refused: cannot use shared memory {name!r}: {error}") from None
 
     def on_peers(self, message: Message) -> None:
         endpoints = field_of(message, "endpoints", list)
@@ -204,6 +220,8 @@ class Worker:
         self.sync = 0
         if self.shard.spec.count == 1:
             reduce = None
+        elif self.reduce_mode == "shm":
+            reduce = self.allreduce_in_shared_memory
         elif self.reduce_mode == "peers":
             reduce = self.allreduce_with_peers
         else:
@@ -252,6 +270,25 @@ class Worker:
             raise SessionLost(str(error)) from None
         self.sync += 1
         return total
+
+    def allreduce_in_shared_memory(self, partial):
+        if not self.shm.fits(partial.shape[0]):  # a long prefill: the ZeroMQ peer exchange
+            return self.allreduce_with_peers(partial)
+        deadline = time.monotonic() + self.options.reduce_timeout
+        try:
+            total = self.shm.allreduce(partial, deadline, self.look_at_control_socket)
+        except TimeoutError as error:
+            raise SessionLost(str(error)) from None
+        self.sync += 1
+        return total
+
+    def look_at_control_socket(self) -> None:
+        """While spinning: answer or act on control messages, and notice a dead parent."""
+        self.check_parent()
+        while self.socket.poll(0):
+            message, identity = self.read_control()
+            if message is not None:
+                self.handle_mid_step(message, identity)
 
     def wait_for_peers(self, timeout_ms: int) -> bool:
         """Poll the peer inbox and the control socket; True when the inbox is readable.
