@@ -241,7 +241,7 @@ class BenchReport:
 
 
 def run_bench(model: str, checkpoint_path: Path, worker_counts: list[int], prompt_tokens: int,
-              decode_tokens: int, reduce: str, compare_hf: bool, in_process: bool = True,
+              decode_tokens: int, reduce: str | None, compare_hf: bool, in_process: bool = True,
               probe_mib: int = 1024) -> BenchReport:
     from common.checkpoint import load_checkpoint
     from common.engine import LocalEngine

@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-w", "--workers", default="1,2", help="worker counts, e.g. 1,2,4 (default 1,2)")
     bench.add_argument("--prompt-tokens", type=int, default=128)
     bench.add_argument("--decode-tokens", type=int, default=32)
-    bench.add_argument("--reduce", choices=("peers", "star"), default="peers")
+    bench.add_argument("--reduce", choices=("shm", "peers", "star"),
+                       help="how workers sum partials (default: shm when every worker has a core, else peers)")
     bench.add_argument("--compare-hf", action="store_true", help="also time transformers on the same weights")
     bench.add_argument("-o", "--out", default="bench-out", help="folder for the JSON and PNG")
     bench.add_argument("--probe-mib", type=int, default=1024, help="size of the bandwidth probe's matrix")
