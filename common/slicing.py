@@ -99,10 +99,16 @@ def _slice_quantized(matrix: QuantizedMatrix, axis: int, start: int, stop: int) 
     return QuantizedMatrix(values=matrix.values[:, start:stop], scales=local_scales, group_size=group_size)
 
 
+# wq, wk, wv and then w1, w3 back to back, so a loaded shard can multiply each group as one
+# stacked matrix (weights.stacked_view): fewer, larger BLAS calls.
+FILE_ORDER = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w3", "w2")
+assert sorted(FILE_ORDER) == sorted(LAYER_FIELDS)
+
+
 def named_matrices(weights: ModelWeights | ShardWeights) -> Iterator[tuple[str, Matrix]]:
     """(file name, tensor) of every tensor a worker holds, in file order."""
     for index, layer in enumerate(weights.layers):
-        for name in LAYER_FIELDS:
+        for name in FILE_ORDER:
             yield f"layers.{index}.{name}", getattr(layer, name)
     yield "final_norm", weights.final_norm
     yield "classifier", weights.classifier

@@ -14,7 +14,7 @@ from .config import ModelConfig
 from .errors import ProtocolError
 from .ops import apply_rope, attention, matmul, rmsnorm, rope_tables, silu
 from .split import SliceSpec
-from .weights import LAYER_MATRICES, QuantizedMatrix, ShardWeights
+from .weights import LAYER_MATRICES, QuantizedMatrix, ShardWeights, stacked_view
 
 AllReduce = Callable[[np.ndarray], np.ndarray]
 
@@ -62,6 +62,8 @@ class SliceModel:
         self.kv_groups = spec.kv_groups(config)
         self.heads_per_kv_head = _uniform_group_size(self.kv_groups)
         self.dequant_scratch = _scratch_for_quantized(weights)
+        self.stacked_qkv = [stacked_view([layer.wq, layer.wk, layer.wv]) for layer in weights.layers]
+        self.stacked_w13 = [stacked_view([layer.w1, layer.w3]) for layer in weights.layers]
 
     def forward(self, x: np.ndarray, sequences: Sequence[StepSequence], allreduce: AllReduce = no_reduce,
                 all_logits: bool = False) -> np.ndarray:
@@ -87,9 +89,16 @@ class SliceModel:
         layer = self.weights.layers[layer_index]
         n_tokens, head_dim = x.shape[0], self.config.head_dim
         h = rmsnorm(x, layer.attn_norm)
-        q = self.matmul(h, layer.wq).reshape(n_tokens, self.spec.n_heads_local, head_dim)
-        k = self.matmul(h, layer.wk).reshape(n_tokens, self.spec.n_kv_heads_local, head_dim)
-        v = self.matmul(h, layer.wv).reshape(n_tokens, self.spec.n_kv_heads_local, head_dim)
+        wqkv = self.stacked_qkv[layer_index]
+        if wqkv is not None:  # one product for q, k and v
+            qkv = h @ wqkv.T
+            q_cols, kv_cols = layer.wq.shape[0], layer.wk.shape[0]
+            q, k, v = qkv[:, :q_cols], qkv[:, q_cols:q_cols + kv_cols], qkv[:, q_cols + kv_cols:]
+        else:
+            q, k, v = self.matmul(h, layer.wq), self.matmul(h, layer.wk), self.matmul(h, layer.wv)
+        q = q.reshape(n_tokens, self.spec.n_heads_local, head_dim)
+        k = k.reshape(n_tokens, self.spec.n_kv_heads_local, head_dim)
+        v = v.reshape(n_tokens, self.spec.n_kv_heads_local, head_dim)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
@@ -120,7 +129,13 @@ class SliceModel:
         """SwiGLU over this worker's FFN units, before the sum over workers."""
         layer = self.weights.layers[layer_index]
         h = rmsnorm(x, layer.ffn_norm)
-        gate = silu(self.matmul(h, layer.w1)) * self.matmul(h, layer.w3)
+        w13 = self.stacked_w13[layer_index]
+        if w13 is not None:  # one product for both halves of SwiGLU
+            both = h @ w13.T
+            hidden = layer.w1.shape[0]
+            gate = silu(both[:, :hidden]) * both[:, hidden:]
+        else:
+            gate = silu(self.matmul(h, layer.w1)) * self.matmul(h, layer.w3)
         return self.matmul(gate, layer.w2)
 
     def matmul(self, x: np.ndarray, weight) -> np.ndarray:

@@ -87,6 +87,23 @@ class ModelWeights:
         return embed_tokens(self.token_embedding, tokens)
 
 
+def stacked_view(matrices: list) -> np.ndarray | None:
+    """One (total rows, cols) read-only view over float32 matrices that lie back to back in
+    memory (a shard file stores wq, wk, wv and w1, w3 so), letting one BLAS call replace
+    several; None when they do not."""
+    if not all(isinstance(m, np.ndarray) and m.ndim == 2 and m.flags.c_contiguous for m in matrices):
+        return None
+    if len({(m.shape[1], m.dtype) for m in matrices}) != 1:
+        return None
+    if any(a.ctypes.data + a.nbytes != b.ctypes.data for a, b in zip(matrices, matrices[1:])):
+        return None
+    first = matrices[0]
+    rows = sum(m.shape[0] for m in matrices)
+    # The bytes past `first` are the next matrices' own, in the same mapping `first` keeps alive.
+    return np.lib.stride_tricks.as_strided(first, shape=(rows, first.shape[1]), strides=first.strides,
+                                           writeable=False)
+
+
 def embed_tokens(embedding: Matrix, tokens: np.ndarray) -> np.ndarray:
     """(T,) token ids -> (T, dim) float32 rows of the embedding table."""
     if isinstance(embedding, QuantizedMatrix):

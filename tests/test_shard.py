@@ -386,7 +386,7 @@ def _set_tensor(tensor, **fields):
     (_truncate, ["truncated"]),
     (_append, ["its tensors end at"]),
     (_set_tensor("layers.1.w2", shape=[33, 48]), ["layers.1.w2", "expected float32 (48, 33)"]),
-    (_set_tensor("layers.1.w2", shape=[48, 40]), ["layers.1.w3", "overlaps"]),
+    (_set_tensor("layers.1.w2", shape=[48, 40]), ["final_norm", "overlaps"]),  # w2 is stored last in a layer
     (_set_tensor("layers.0.wq", dtype="float16"), ["layers.0.wq", "dtype"]),
     (_set_tensor("final_norm", offset=100), ["final_norm", "aligned"]),
     (_set_tensor("classifier", name="lm_head"), ["classifier is missing"]),

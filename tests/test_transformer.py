@@ -41,3 +41,28 @@ def test_out_of_range_steps_are_refused(sequences, rows, complaint):
     engine = LocalEngine(config, random_weights(config, seed=1), n_slots=2)
     with pytest.raises(ProtocolError, match=complaint):
         engine.step(np.ones(rows, dtype=np.int64), sequences)
+
+
+def test_stacked_view_only_over_back_to_back_matrices():
+    from common.weights import stacked_view
+    block = np.arange(5 * 4, dtype=np.float32).reshape(5, 4)
+    top, bottom = block[:2], block[2:]
+    np.testing.assert_array_equal(stacked_view([top, bottom]), block)
+    assert stacked_view([bottom, top]) is None  # not in memory order
+    assert stacked_view([top, np.ones((3, 4), np.float32)]) is None  # elsewhere in memory
+    assert stacked_view([top, block[2:, :2]]) is None  # other width
+
+
+def test_a_loaded_shard_multiplies_qkv_and_w13_as_stacked_matrices(tmp_path):
+    from common.checkpoint import load_checkpoint
+    from common.shard_file import load_shard, write_shards
+    from common.transformer import SliceModel
+    from model_factory import write_random_checkpoint
+    config = make_config(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, seq_len=16)
+    checkpoint = load_checkpoint(write_random_checkpoint(tmp_path / "m.bin", config, seed=9))
+    write_shards(checkpoint, 2, tmp_path / "shards", progress=False)
+    shard = load_shard(tmp_path / "shards" / "shard-1-of-2.bin")
+    model = SliceModel(shard.config, shard.spec, shard.weights)
+    assert all(view is not None for view in model.stacked_qkv + model.stacked_w13)
+    layer = shard.weights.layers[0]
+    np.testing.assert_array_equal(model.stacked_w13[0], np.vstack([layer.w1, layer.w3]))
