@@ -33,15 +33,8 @@ def no_orphan_workers():
     """Fail the run if any test left a worker process of ours behind (and clean it up)."""
     yield
     import signal
-    from process_tools import children_of, wait_until_gone
-    leftovers = []
-    for pid in children_of(os.getpid()):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                if b"worker" in handle.read():
-                    leftovers.append(pid)
-        except OSError:
-            pass
+    from process_tools import wait_until_gone, worker_children_of
+    leftovers = worker_children_of(os.getpid())
     for pid in leftovers:
         os.kill(pid, signal.SIGKILL)
     wait_until_gone(leftovers, timeout=5)

@@ -124,15 +124,7 @@ def test_reduce_through_the_coordinator_matches_too(random_checkpoint, tmp_path,
     config = random_checkpoint.config
     if n_workers > config.n_heads:
         pytest.skip("more workers than heads")
-    reference = LocalEngine(config, random_checkpoint.weights)
-    write_shards(random_checkpoint, n_workers, tmp_path, progress=False)
-    engine = open_local_engine(tmp_path, n_workers, reduce="star")
-    try:
-        assert engine.reduce_mode == "star"
-        prompt = [t % config.vocab_size for t in PROMPT]
-        assert_same_as_single_process(engine, reference, prompt, 10, config.vocab_size)
-    finally:
-        engine.close()
+    assert_reduce_mode_matches(random_checkpoint, tmp_path, n_workers, "star")
 
 
 @pytest.mark.parametrize("capacity_rows", [512, 4])
@@ -142,12 +134,16 @@ def test_shared_memory_reduce_matches_and_falls_back_for_long_steps(random_check
     6-token prefill goes through the ZeroMQ peers instead, decode through shared memory."""
     import coordinator.cluster_engine as cluster_engine
     monkeypatch.setattr(cluster_engine, "SHM_CAPACITY_ROWS", capacity_rows)
-    config = random_checkpoint.config
-    reference = LocalEngine(config, random_checkpoint.weights)
-    write_shards(random_checkpoint, 3, tmp_path, progress=False)
-    engine = open_local_engine(tmp_path, 3, reduce="shm")
+    assert_reduce_mode_matches(random_checkpoint, tmp_path, 3, "shm")
+
+
+def assert_reduce_mode_matches(checkpoint, folder, n_workers, reduce):
+    config = checkpoint.config
+    reference = LocalEngine(config, checkpoint.weights)
+    write_shards(checkpoint, n_workers, folder, progress=False)
+    engine = open_local_engine(folder, n_workers, reduce=reduce)
     try:
-        assert engine.reduce_mode == "shm"
+        assert engine.reduce_mode == reduce
         prompt = [t % config.vocab_size for t in PROMPT]
         assert_same_as_single_process(engine, reference, prompt, 10, config.vocab_size)
     finally:
