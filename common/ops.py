@@ -37,14 +37,17 @@ def rope_tables(seq_len: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(angle64).astype(np.float32), np.sin(angle64).astype(np.float32)
 
 
-def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """x: (T, H, D); cos, sin: (T, D/2). Rotates pairs (2i, 2i+1) of every head."""
-    even, odd = x[..., 0::2], x[..., 1::2]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    out = np.empty_like(x)
-    out[..., 0::2] = even * cos - odd * sin
-    out[..., 1::2] = even * sin + odd * cos
-    return out
+def rope_rotations(seq_len: int, head_dim: int) -> np.ndarray:
+    """cos + i sin of rope_tables as complex64, (seq_len, head_dim // 2)."""
+    cos, sin = rope_tables(seq_len, head_dim)
+    return (cos + 1j * sin).astype(np.complex64)
+
+
+def apply_rope(x: np.ndarray, rotations: np.ndarray) -> np.ndarray:
+    """x: (T, H, D) float32; rotations: (T, D/2) complex64. Rotates pairs (2i, 2i+1) of every
+    head: read as one complex number a + ib, a pair times cos + i sin is exactly run.c's
+    (a cos - b sin, a sin + b cos), in one vectorised product."""
+    return (x.view(np.complex64) * rotations[:, None, :]).view(np.float32)
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -53,7 +56,13 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def silu(x: np.ndarray) -> np.ndarray:
-    return x * (np.float32(1.0) / (np.float32(1.0) + np.exp(-x)))
+    """x * (1 / (1 + exp(-x))), as run.c rounds it, in one temporary (prefill's are large)."""
+    out = np.negative(x)
+    np.exp(out, out=out)
+    out += np.float32(1.0)
+    np.reciprocal(out, out=out)
+    out *= x
+    return out
 
 
 def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, first_position: int) -> np.ndarray:

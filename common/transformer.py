@@ -12,7 +12,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import ProtocolError
-from .ops import apply_rope, attention, matmul, rmsnorm, rope_tables, silu
+from .ops import apply_rope, attention, matmul, rmsnorm, rope_rotations, silu
 from .split import SliceSpec
 from .weights import LAYER_MATRICES, QuantizedMatrix, ShardWeights, stacked_view
 
@@ -58,7 +58,7 @@ class SliceModel:
         self.spec = spec
         self.weights = weights
         self.cache = KVCache(config.n_layers, n_slots, spec.n_kv_heads_local, config.seq_len, config.head_dim)
-        self.rope_cos, self.rope_sin = rope_tables(config.seq_len, config.head_dim)
+        self.rope_rotations = rope_rotations(config.seq_len, config.head_dim)
         self.kv_groups = spec.kv_groups(config)
         self.heads_per_kv_head = _uniform_group_size(self.kv_groups)
         self.dequant_scratch = _scratch_for_quantized(weights)
@@ -99,8 +99,8 @@ class SliceModel:
         q = q.reshape(n_tokens, self.spec.n_heads_local, head_dim)
         k = k.reshape(n_tokens, self.spec.n_kv_heads_local, head_dim)
         v = v.reshape(n_tokens, self.spec.n_kv_heads_local, head_dim)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rotations = self.rope_rotations[positions]
+        q, k = apply_rope(q, rotations), apply_rope(k, rotations)
 
         heads_out = np.empty_like(q)  # (T, n_heads_local, head_dim)
         row = 0
@@ -133,9 +133,11 @@ class SliceModel:
         if w13 is not None:  # one product for both halves of SwiGLU
             both = h @ w13.T
             hidden = layer.w1.shape[0]
-            gate = silu(both[:, :hidden]) * both[:, hidden:]
+            gate = silu(both[:, :hidden])
+            gate *= both[:, hidden:]
         else:
-            gate = silu(self.matmul(h, layer.w1)) * self.matmul(h, layer.w3)
+            gate = silu(self.matmul(h, layer.w1))
+            gate *= self.matmul(h, layer.w3)
         return self.matmul(gate, layer.w2)
 
     def matmul(self, x: np.ndarray, weight) -> np.ndarray:
