@@ -19,7 +19,7 @@ the size check, the writer and `describe_checkpoint` all walk it.
 import mmap
 import os
 import struct
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from .errors import ConfigError, FormatError
 from .ops import rope_tables
 from .quantize import (as_float32, check_group_size, default_group_size, group_size_problem,
                        quantize_q80, valid_group_sizes)
-from .weights import LayerWeights, ModelWeights, QuantizedMatrix
+from .weights import LAYER_FIELDS, LayerWeights, ModelWeights, QuantizedMatrix
 
 __all__ = ["Checkpoint", "TensorSpec", "load_checkpoint", "write_checkpoint", "convert_checkpoint",
            "describe_checkpoint", "tensor_layout", "checkpoint_size",
@@ -43,7 +43,6 @@ V0_HEADER = struct.Struct("<7i")  # dim, hidden_dim, n_layers, n_heads, n_kv_hea
 V1_HEADER = struct.Struct("<Ii7iB")  # magic, version, the 7 params, shared_classifier
 GROUP_SIZE_FIELD = struct.Struct("<i")  # version 2 only, right after V1_HEADER
 PARAM_NAMES = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
-LAYER_FIELDS = tuple(field.name for field in fields(LayerWeights))
 # A headerless first int32 above this is not a plausible version-0 dim: the magic is wrong.
 MAX_V0_DIM = 1 << 20
 

@@ -32,9 +32,9 @@ from .config import ModelConfig
 from .errors import FormatError
 from .manifest import (SHA256_PATTERN, FileEntry, Manifest, ShardEntry, config_from_dict, group_size_from, is_count,
                        load_manifest, manifest_dict, sha256_file, spec_from_dict, write_manifest)
-from .slicing import LAYER_FIELDS, check_group_alignment, local_shape, named_matrices, slice_weights
+from .slicing import check_group_alignment, local_shape, named_matrices, slice_weights
 from .split import SliceSpec, plan_split
-from .weights import LayerWeights, Matrix, QuantizedMatrix, ShardWeights
+from .weights import LAYER_FIELDS, LayerWeights, Matrix, QuantizedMatrix, ShardWeights
 
 SHARD_MAGIC = b"LLMTPSHD"
 SHARD_FORMAT_VERSION = 1

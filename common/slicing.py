@@ -5,7 +5,6 @@ quantization groups for int8); a replicated tensor is kept whole. Cuts are views
 so nothing is read from a mapped checkpoint until it is used or written.
 """
 
-import dataclasses
 from typing import Iterator
 
 import numpy as np
@@ -13,9 +12,8 @@ import numpy as np
 from .config import ModelConfig
 from .errors import ConfigError
 from .split import SPLIT_TABLE, SliceSpec
-from .weights import LayerWeights, Matrix, ModelWeights, QuantizedMatrix, ShardWeights
+from .weights import LAYER_FIELDS, LayerWeights, Matrix, ModelWeights, QuantizedMatrix, ShardWeights
 
-LAYER_FIELDS = tuple(field.name for field in dataclasses.fields(LayerWeights))
 
 
 def full_shape(name: str, config: ModelConfig) -> tuple[int, ...]:

@@ -6,7 +6,7 @@ with fewer rows (column-parallel wq/wk/wv/w1/w3/classifier) or fewer columns
 (row-parallel wo/w2), so one forward function serves both.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Union
 
 import numpy as np
@@ -61,6 +61,7 @@ class LayerWeights:
     w3: Matrix  # (hidden_local, dim)
 
 
+LAYER_FIELDS = tuple(field.name for field in fields(LayerWeights))
 LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 

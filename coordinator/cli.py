@@ -253,9 +253,9 @@ def cmd_shard(args) -> int:
                                         ("-o/--output", args.output)) if value is None]
     if missing:
         raise ConfigError(f"shard needs {', '.join(missing)} (or --config cluster.yaml)")
-    from .shard import run_shard
+    from .shard import describe_manifest, run_shard
     manifest = run_shard(args.checkpoint, args.workers, args.output)
-    print(f"wrote {len(manifest.shards)} shards and manifest.json to {args.output}", file=sys.stderr)
+    print(describe_manifest(manifest))
     return 0
 
 
