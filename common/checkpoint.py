@@ -27,6 +27,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import ConfigError, FormatError
+from .mapping import map_readonly
 from .ops import rope_tables
 from .quantize import (as_float32, check_group_size, default_group_size, group_size_problem,
                        quantize_q80, valid_group_sizes)
@@ -61,6 +62,7 @@ class Checkpoint:
     weights: ModelWeights  # arrays are read-only views into the memory-mapped file
     group_size: int | None  # Q8_0 group size, version 2 only
     n_bytes: int  # file size
+    mapping: mmap.mmap | None = None  # the file's map, which every weight views
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             if n_bytes != expected:
                 problem = "truncated" if n_bytes < expected else "trailing bytes"
                 raise FormatError(f"{path}: size {n_bytes} bytes, header implies {expected} ({problem})")
-            buffer = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        buffer = map_readonly(path)
     except OSError as error:
         raise FormatError(f"{path}: cannot read checkpoint: {error.strerror or error}") from None
     tensors = {}
@@ -137,7 +139,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         if spec.encoding != "rope":
             tensors[spec.name] = _view(buffer, offset, spec, group_size)
         offset += spec.n_bytes(group_size)
-    return Checkpoint(path, version, config, _assemble(config, tensors), group_size, n_bytes)
+    return Checkpoint(path, version, config, _assemble(config, tensors), group_size, n_bytes, buffer)
 
 
 def _parse_header(path: Path, head: bytes, n_bytes: int) -> tuple[int, ModelConfig, int | None]:

@@ -1,10 +1,12 @@
 """The single-process engine: the whole model as the one and only slice."""
 
+import sys
 from typing import Sequence
 
 import numpy as np
 
 from .config import ModelConfig
+from .mapping import settle_on_huge_pages
 from .split import full_slice
 from .transformer import SliceModel, StepSequence
 from .weights import ModelWeights
@@ -18,6 +20,16 @@ class LocalEngine:
         self.config = config
         self.weights = weights
         self.model = SliceModel(config, full_slice(config), weights.as_shard(), n_slots)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, n_slots: int = 1) -> "LocalEngine":
+        """An engine over a loaded checkpoint's map, first faulted in (onto 2 MiB pages where
+        possible: see common/mapping.py)."""
+        if checkpoint.mapping is not None:
+            note = settle_on_huge_pages(checkpoint.mapping, checkpoint.path)
+            if note:
+                print(f"llmtp: {note}", file=sys.stderr)
+        return cls(checkpoint.config, checkpoint.weights, n_slots)
 
     def step(self, tokens: np.ndarray, sequences: Sequence[StepSequence], all_logits: bool = False) -> np.ndarray:
         """tokens: (T,) ids of all sequences in order -> logits (n_sequences or T, vocab_size)."""

@@ -20,6 +20,7 @@ per worker, embedding.bin and the `manifest.json` that lists them (common/manife
 import dataclasses
 import hashlib
 import math
+import mmap
 import os
 import sys
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import FormatError
+from .mapping import map_readonly
 from .manifest import (SHA256_PATTERN, FileEntry, Manifest, ShardEntry, config_from_dict, group_size_from, is_count,
                        load_manifest, manifest_dict, sha256_file, spec_from_dict, write_manifest)
 from .slicing import check_group_alignment, local_shape, named_matrices, slice_weights
@@ -202,11 +204,12 @@ class Shard:
     model_sha256: str
     group_size: int | None
     n_bytes: int
+    mapping: mmap.mmap | None = None  # the file's map, which every weight views
 
 
-def _read_tensor_file(path: Path) -> tuple[dict, dict[str, np.ndarray], int]:
+def _read_tensor_file(path: Path) -> tuple[dict, dict[str, np.ndarray], int, mmap.mmap]:
     """Map `path` read-only and check everything but the meaning of the tensors:
-    (header, name -> array view of the map, file size)."""
+    (header, name -> array view of the map, file size, the map)."""
     path = Path(path)
     try:
         n_bytes = path.stat().st_size
@@ -214,7 +217,11 @@ def _read_tensor_file(path: Path) -> tuple[dict, dict[str, np.ndarray], int]:
         raise FormatError(f"{path}: cannot read shard file: {error.strerror}") from None
     if n_bytes < PRELUDE:
         raise FormatError(f"{path}: file is {n_bytes} bytes, too short for a shard header")
-    data = np.memmap(path, dtype=np.uint8, mode="r")
+    try:
+        mapping = map_readonly(path)
+    except OSError as error:
+        raise FormatError(f"{path}: cannot map shard file: {error.strerror}") from None
+    data = np.frombuffer(mapping, dtype=np.uint8)
     if bytes(data[:8]) != SHARD_MAGIC:
         raise FormatError(f"{path}: not a shard file (magic {bytes(data[:8])!r}, expected {SHARD_MAGIC!r})")
     version, header_length = (int(v) for v in data[8:PRELUDE].view("<u4"))
@@ -252,7 +259,7 @@ def _read_tensor_file(path: Path) -> tuple[dict, dict[str, np.ndarray], int]:
         end = offset + size
     if end != n_bytes:
         raise FormatError(f"{path}: file is {n_bytes} bytes, its tensors end at byte {end}")
-    return header, arrays, n_bytes
+    return header, arrays, n_bytes, mapping
 
 
 def _tensor_entry(path: Path, number: int, entry) -> tuple[str, np.dtype, tuple[int, ...], int]:
@@ -303,7 +310,7 @@ def _check_kind(path: Path, header: dict, kind: str) -> None:
 def load_shard(path: str | Path) -> Shard:
     """Map a shard file read-only; every weight is a C-contiguous view of the map (no copies)."""
     path = Path(path)
-    header, arrays, n_bytes = _read_tensor_file(path)
+    header, arrays, n_bytes, mapping = _read_tensor_file(path)
     _check_kind(path, header, "shard")
     config = config_from_dict(header["config"], str(path))
     spec = spec_from_dict(header["spec"], config, str(path))
@@ -319,7 +326,7 @@ def load_shard(path: str | Path) -> Shard:
     if arrays:
         raise FormatError(f"{path}: unexpected tensors {', '.join(sorted(arrays))}")
     return Shard(path=path, config=config, spec=spec, weights=weights, model_sha256=header["model_sha256"],
-                 group_size=group_size, n_bytes=n_bytes)
+                 group_size=group_size, n_bytes=n_bytes, mapping=mapping)
 
 
 def load_embedding(manifest: Manifest | str | Path) -> Matrix:
@@ -327,7 +334,7 @@ def load_embedding(manifest: Manifest | str | Path) -> Matrix:
     if not isinstance(manifest, Manifest):
         manifest = load_manifest(manifest)
     path = manifest.embedding_path
-    header, arrays, n_bytes = _read_tensor_file(path)
+    header, arrays, n_bytes, _ = _read_tensor_file(path)
     _check_kind(path, header, "embedding")
     if n_bytes != manifest.embedding.n_bytes:
         raise FormatError(f"{path}: file is {n_bytes} bytes, manifest says {manifest.embedding.n_bytes}")

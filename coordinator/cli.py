@@ -204,7 +204,7 @@ def plan_engine(args):
     from common.checkpoint import load_checkpoint
     from common.engine import LocalEngine
     checkpoint = load_checkpoint(checkpoint_path)
-    return checkpoint.config, tokenizer_path, lambda: LocalEngine(checkpoint.config, checkpoint.weights)
+    return checkpoint.config, tokenizer_path, lambda: LocalEngine.from_checkpoint(checkpoint)
 
 
 def plan_config_engine(args):

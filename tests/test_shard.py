@@ -7,6 +7,7 @@ pass is summed and concatenated here by hand.
 
 import hashlib
 import json
+import mmap
 import shutil
 import threading
 from pathlib import Path
@@ -115,7 +116,9 @@ def assert_concatenation_is_full(full_weights, shards, config):
 
 def file_backed(array: np.ndarray) -> bool:
     while array is not None:
-        if isinstance(array, np.memmap):
+        if isinstance(array, memoryview):
+            array = array.obj
+        if isinstance(array, (np.memmap, mmap.mmap)):
             return True
         array = array.base if isinstance(array, np.ndarray) else None
     return False

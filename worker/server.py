@@ -368,12 +368,16 @@ def verify_against_manifest(shard: Shard) -> None:
 
 
 def run_worker(shard_path: str, options: WorkerOptions) -> int:
+    from common.mapping import settle_on_huge_pages
     from common.shard_file import load_shard
     if options.parent_pid:
         die_with_parent()
         if os.getppid() != options.parent_pid:
             return 0
     shard = load_shard(shard_path)
+    note = settle_on_huge_pages(shard.mapping, shard.path)  # before verifying, so one disk read serves both
+    if note:
+        print(f"llmtp worker {shard.spec.index}/{shard.spec.count}: {note}", file=sys.stderr, flush=True)
     if options.verify:
         verify_against_manifest(shard)
     try:
