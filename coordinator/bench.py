@@ -33,7 +33,7 @@ PRESETS = {
 @dataclass
 class MachineLimits:
     cores: int
-    bandwidth_gbs: dict  # BLAS threads -> GB/s of a float32 matrix-vector product over 1 GiB
+    bandwidth_gbs: dict  # cores (BLAS threads) -> GB/s of a float32 matrix-vector product over 1 GiB
     zmq_round_trip_ms: float  # a sync-sized message there and back between two processes
 
 
@@ -41,6 +41,7 @@ class MachineLimits:
 class EngineResult:
     engine: str
     n_workers: int
+    cores: int  # cores its matrix products ran on, in all: its bandwidth limit is that many cores'
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
     decode_step_ms: float
@@ -158,7 +159,7 @@ def random_model_weights(config: ModelConfig, seed: int):
 
 
 def time_engine(engine, config: ModelConfig, prompt_tokens: int, decode_tokens: int, n_workers: int,
-                label: str) -> EngineResult:
+                cores: int, label: str) -> EngineResult:
     rng = np.random.default_rng(1)
     prompt = rng.integers(3, config.vocab_size, prompt_tokens)
     engine.step(prompt[:8], [StepSequence(0, 0, 8)])  # warm up: page in weights, start BLAS threads
@@ -183,7 +184,7 @@ def time_engine(engine, config: ModelConfig, prompt_tokens: int, decode_tokens: 
     math_s, wait_s = float(np.median(maths)), float(np.median(waits))
     n_syncs = 2 * config.n_layers if n_workers > 1 else 0
     result = EngineResult(
-        engine=label, n_workers=n_workers, prefill_tokens_per_s=prompt_tokens / prefill_seconds,
+        engine=label, n_workers=n_workers, cores=cores, prefill_tokens_per_s=prompt_tokens / prefill_seconds,
         decode_tokens_per_s=1.0 / step, decode_step_ms=step * 1000, math_ms=math_s * 1000,
         sync_wait_ms=wait_s * 1000, coordinator_ms=max(0.0, step - float(np.median(forwards))) * 1000,
         sync_ms=wait_s * 1000 / n_syncs if n_syncs else None)
@@ -195,7 +196,7 @@ def time_engine(engine, config: ModelConfig, prompt_tokens: int, decode_tokens: 
     return result
 
 
-def time_hf(checkpoint, prompt_tokens: int, decode_tokens: int) -> EngineResult | None:
+def time_hf(checkpoint, prompt_tokens: int, decode_tokens: int, cores: int) -> EngineResult | None:
     """The same weights through transformers on the CPU (the `oracle` extra), or None without it."""
     try:
         import torch
@@ -203,7 +204,7 @@ def time_hf(checkpoint, prompt_tokens: int, decode_tokens: int) -> EngineResult 
         from .hf_bridge import build_hf_model
     except ImportError:
         return None
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(cores)
     model = build_hf_model(checkpoint.config, checkpoint.weights, attention="sdpa")
     rng = np.random.default_rng(1)
     prompt = torch.tensor(rng.integers(3, checkpoint.config.vocab_size, (1, prompt_tokens)))
@@ -222,7 +223,8 @@ def time_hf(checkpoint, prompt_tokens: int, decode_tokens: int) -> EngineResult 
             walls.append(time.perf_counter() - started)
             cache, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
     step = float(np.median(walls))
-    return EngineResult(engine="transformers (torch)", n_workers=0, prefill_tokens_per_s=prompt_tokens / prefill_seconds,
+    return EngineResult(engine="transformers (torch)", n_workers=0, cores=cores,
+                        prefill_tokens_per_s=prompt_tokens / prefill_seconds,
                         decode_tokens_per_s=1.0 / step, decode_step_ms=step * 1000, math_ms=step * 1000,
                         sync_wait_ms=0.0, coordinator_ms=0.0, sync_ms=None)
 
@@ -235,46 +237,57 @@ class BenchReport:
     limits: MachineLimits
     results: list
 
-    def bandwidth_limit_tokens_per_s(self) -> float:
-        best = max(self.limits.bandwidth_gbs.values())
-        return best * 1e9 / (self.weight_mb_per_token * 1e6)
+    def bandwidth_limit_tokens_per_s(self, cores: int) -> float:
+        """Decode tokens/s if every weight byte streamed at what `cores` cores measured."""
+        return self.limits.bandwidth_gbs[cores] * 1e9 / (self.weight_mb_per_token * 1e6)
+
+    def share_of_limit(self, result: EngineResult) -> float:
+        return result.decode_tokens_per_s / self.bandwidth_limit_tokens_per_s(result.cores)
 
 
 def run_bench(model: str, checkpoint_path: Path, worker_counts: list[int], prompt_tokens: int,
               decode_tokens: int, reduce: str | None, compare_hf: bool, in_process: bool = True,
-              probe_mib: int = 1024) -> BenchReport:
+              probe_mib: int = 1024, cores_per_worker: int | None = 1) -> BenchReport:
+    """cores_per_worker: pin each worker to that many cores (BLAS threads), so N workers use
+    N x that many cores and the limit of each row is what those cores stream; None shares
+    every core among the workers (as `generate --workers` does). A worker count that does
+    not fit the cores falls back to sharing."""
     from common.checkpoint import load_checkpoint
     from common.engine import LocalEngine
 
-    from .local_cluster import ensure_shards, open_local_engine
+    from .local_cluster import ensure_shards, open_local_engine, usable_cpus
     checkpoint = load_checkpoint(checkpoint_path)
     config = checkpoint.config
     if prompt_tokens + decode_tokens > config.seq_len:
         raise ConfigError(f"--prompt-tokens + --decode-tokens = {prompt_tokens + decode_tokens} exceeds "
                           f"the model's context {config.seq_len}")
-    cores = os.cpu_count() or 1
+    cores = len(usable_cpus())
+    placements = {n: cores_per_worker if cores_per_worker and n * cores_per_worker <= cores else None
+                  for n in worker_counts}
+    cores_used = {n: n * k if k else cores for n, k in placements.items()}
     bytes_per_weight = 1.0 + 4.0 / checkpoint.group_size if checkpoint.group_size else 4.0
     print("bench: measuring memory bandwidth and a bare ZeroMQ round trip", file=sys.stderr)
     limits = MachineLimits(cores=cores,
                            bandwidth_gbs={threads: measure_bandwidth(threads, probe_mib)
-                                          for threads in sorted({1, cores})},
+                                          for threads in sorted({cores, *cores_used.values()})},
                            zmq_round_trip_ms=measure_zmq_round_trip(config.dim))
     results = []
     if in_process:
         print("bench: in-process engine", file=sys.stderr)
-        results.append(time_engine(LocalEngine(config, checkpoint.weights), config, prompt_tokens,
-                                   decode_tokens, 0, "in-process"))
+        results.append(time_engine(LocalEngine.from_checkpoint(checkpoint), config, prompt_tokens,
+                                   decode_tokens, 0, cores, "in-process"))
     for n_workers in worker_counts:
         print(f"bench: {n_workers} worker(s)", file=sys.stderr)
-        engine = open_local_engine(ensure_shards(checkpoint_path, n_workers), n_workers, reduce=reduce)
+        engine = open_local_engine(ensure_shards(checkpoint_path, n_workers), n_workers, reduce=reduce,
+                                   cores_per_worker=placements[n_workers])
         try:
             results.append(time_engine(engine, config, prompt_tokens, decode_tokens, n_workers,
-                                       f"{n_workers} worker{'s' if n_workers > 1 else ''}"))
+                                       cores_used[n_workers], f"{n_workers} worker{'s' if n_workers > 1 else ''}"))
         finally:
             engine.close()
     if compare_hf:
         print("bench: transformers on the same weights", file=sys.stderr)
-        hf = time_hf(checkpoint, prompt_tokens, decode_tokens)
+        hf = time_hf(checkpoint, prompt_tokens, decode_tokens, cores)
         if hf is None:
             print("bench: transformers/torch are not installed (pip install -e '.[oracle]'); skipped",
                   file=sys.stderr)
@@ -286,26 +299,45 @@ def run_bench(model: str, checkpoint_path: Path, worker_counts: list[int], promp
 
 
 def format_report(report: BenchReport) -> str:
-    limit = report.bandwidth_limit_tokens_per_s()
+    streams = ", ".join(f"{gbs:.1f} GB/s on {n} core{'s' if n > 1 else ''}"
+                        for n, gbs in sorted(report.limits.bandwidth_gbs.items()))
     lines = [
         f"model {report.model}: {report.weight_mb_per_token:.1f} MB of weights per decoded token",
-        "machine: " + ", ".join(f"{gbs:.1f} GB/s with {threads} BLAS thread(s)"
-                                for threads, gbs in report.limits.bandwidth_gbs.items())
-        + f"; ZeroMQ round trip {report.limits.zmq_round_trip_ms * 1000:.0f} us",
-        f"decode limit (weights / best bandwidth): {limit:.1f} tok/s",
+        f"machine: {report.limits.cores} cores; a matrix-vector product streams {streams}; "
+        f"ZeroMQ round trip {report.limits.zmq_round_trip_ms * 1000:.0f} us",
+        "limit = weights / what the row's cores stream (in-process and transformers use every core)",
         "",
-        f"{'engine':<22}{'prefill tok/s':>14}{'decode tok/s':>13}{'% of limit':>11}{'step ms':>9}"
-        f"{'math':>8}{'sync':>8}{'coord':>8}{'per sync us':>12}{'sync/RTT':>9}{'peak RSS - shard - kv MB':>26}",
+        f"{'engine':<22}{'cores':>6}{'prefill tok/s':>14}{'decode tok/s':>13}{'limit':>8}{'% of limit':>11}"
+        f"{'step ms':>9}{'math':>8}{'sync':>8}{'coord':>8}{'per sync us':>12}{'sync/RTT':>9}"
+        f"{'peak RSS - shard - kv MB':>26}",
     ]
     for r in report.results:
         per_sync = f"{r.sync_ms * 1000:.0f}" if r.sync_ms else "-"
         ratio = f"{r.sync_ms / report.limits.zmq_round_trip_ms:.2f}" if r.sync_ms else "-"
         overhead = ", ".join(f"{rss - shard - kv:.0f}" for rss, shard, kv in
                              zip(r.worker_peak_rss_mb, r.worker_shard_mb, r.worker_kv_mb)) or "-"
-        lines.append(f"{r.engine:<22}{r.prefill_tokens_per_s:>14.1f}{r.decode_tokens_per_s:>13.2f}"
-                     f"{100 * r.decode_tokens_per_s / limit:>10.0f}%{r.decode_step_ms:>9.2f}{r.math_ms:>8.2f}"
-                     f"{r.sync_wait_ms:>8.2f}{r.coordinator_ms:>8.2f}{per_sync:>12}{ratio:>9}{overhead:>26}")
+        lines.append(f"{r.engine:<22}{r.cores:>6}{r.prefill_tokens_per_s:>14.1f}{r.decode_tokens_per_s:>13.2f}"
+                     f"{report.bandwidth_limit_tokens_per_s(r.cores):>8.1f}{100 * report.share_of_limit(r):>10.0f}%"
+                     f"{r.decode_step_ms:>9.2f}{r.math_ms:>8.2f}{r.sync_wait_ms:>8.2f}{r.coordinator_ms:>8.2f}"
+                     f"{per_sync:>12}{ratio:>9}{overhead:>26}")
+    lines += scaling_lines(report)
     return "\n".join(lines)
+
+
+def scaling_lines(report: BenchReport) -> list[str]:
+    """Each worker count's decode speed against one worker's, beside the same ratio of limits."""
+    workers = {r.n_workers: r for r in report.results if r.n_workers > 0}
+    if 1 not in workers or len(workers) < 2:
+        return []
+    one = workers[1]
+    lines = [""]
+    for n, r in sorted(workers.items()):
+        if n > 1:
+            limits = report.bandwidth_limit_tokens_per_s(r.cores) / report.bandwidth_limit_tokens_per_s(one.cores)
+            lines.append(f"{n} workers / 1 worker: decode {r.decode_tokens_per_s / one.decode_tokens_per_s:.2f}x, "
+                         f"prefill {r.prefill_tokens_per_s / one.prefill_tokens_per_s:.2f}x "
+                         f"(their limits: {limits:.2f}x)")
+    return lines
 
 
 def plot_report(report: BenchReport, path: Path) -> bool:
@@ -322,12 +354,12 @@ def plot_report(report: BenchReport, path: Path) -> bool:
     figure, (speed, split) = plt.subplots(1, 2, figsize=(12, 4.5))
     positions = np.arange(len(ours))
     speed.plot(positions, [r.decode_tokens_per_s for r in ours], "o-", label="llmtp decode")
-    speed.axhline(report.bandwidth_limit_tokens_per_s(), color="red", linestyle="--",
-                  label="bandwidth limit (weights / GB/s)")
+    speed.plot(positions, [report.bandwidth_limit_tokens_per_s(r.cores) for r in ours], "_", color="red",
+               markersize=30, markeredgewidth=2, label="bandwidth limit of its cores (weights / GB/s)")
     for r in report.results:
         if r.engine == "transformers (torch)":
             speed.axhline(r.decode_tokens_per_s, color="gray", linestyle=":", label="transformers decode")
-    speed.set_xticks(positions, labels)
+    speed.set_xticks(positions, [f"{r.engine}\n{r.cores} core{'s' if r.cores > 1 else ''}" for r in ours])
     speed.set_ylabel("decode tokens/s")
     speed.set_title(f"{report.model}: decode speed")
     speed.set_ylim(bottom=0)

@@ -62,20 +62,36 @@ def usable_cpus() -> list[int]:
         list(range(os.cpu_count() or 1))
 
 
-def blas_threads_env(n_workers: int) -> dict:
-    """Give each worker its share of the cores, so N workers never oversubscribe."""
-    threads = str(max(1, len(usable_cpus()) // n_workers))
+def blas_threads_env(n_workers: int, cores_per_worker: int | None = None) -> dict:
+    """Give each worker its share of the cores (or exactly cores_per_worker), so N workers
+    never oversubscribe."""
+    threads = str(cores_per_worker or max(1, len(usable_cpus()) // n_workers))
     env = dict(os.environ)
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[name] = threads
     return env
 
 
-def cpu_share(index: int, n_workers: int) -> list[int] | None:
+def check_cores_per_worker(n_workers: int, cores_per_worker: int | None) -> None:
+    if cores_per_worker is None:
+        return
+    available = len(usable_cpus())
+    if cores_per_worker < 1 or n_workers * cores_per_worker > available:
+        raise ConfigError(f"--cores-per-worker {cores_per_worker} x {n_workers} worker(s) does not fit "
+                          f"the {available} core(s) this process may use")
+
+
+def cpu_share(index: int, n_workers: int, cores_per_worker: int | None = None) -> list[int] | None:
     """The cores worker `index` is pinned to: its own contiguous share when every worker can
     have at least one (pinned, two workers' memory-bound half-layers finish more evenly and
-    each sync waits less: 110M decode at 2 workers 26.8 -> 25.0 ms/token); None otherwise."""
+    each sync waits less: 110M decode at 2 workers 26.8 -> 25.0 ms/token); None otherwise.
+
+    cores_per_worker pins even a single worker, to exactly that many cores (the scaling
+    benchmark's one worker per core)."""
     cpus = usable_cpus()
+    if cores_per_worker is not None:
+        check_cores_per_worker(n_workers, cores_per_worker)
+        return cpus[index * cores_per_worker:(index + 1) * cores_per_worker]
     if n_workers < 2 or n_workers > len(cpus):
         return None
     per_worker = len(cpus) // n_workers
@@ -89,7 +105,7 @@ class StartedWorker:
 
 
 def start_workers(shard_folder: Path, n_workers: int, run_folder: Path, tied_to_us: bool,
-                  host: str = "127.0.0.1") -> list[StartedWorker]:
+                  host: str = "127.0.0.1", cores_per_worker: int | None = None) -> list[StartedWorker]:
     """Start one worker per shard on an ephemeral port and wait for each to announce it.
 
     tied_to_us: the workers exit when this process does (one `generate`); otherwise they
@@ -101,7 +117,7 @@ def start_workers(shard_folder: Path, n_workers: int, run_folder: Path, tied_to_
     try:
         for index, shard in enumerate(manifest.shards):
             processes.append(launch_worker(shard_folder / shard.file, index, n_workers, run_folder,
-                                           tied_to_us, host))
+                                           tied_to_us, host, cores_per_worker))
         deadline = time.monotonic() + START_TIMEOUT
         return [StartedWorker(process, wait_for_announce(announce_path(run_folder, index), process, index,
                                                          deadline))
@@ -116,13 +132,13 @@ def announce_path(run_folder: Path, index: int) -> Path:
 
 
 def launch_worker(shard_path: Path, index: int, n_workers: int, run_folder: Path, tied_to_us: bool,
-                  host: str = "127.0.0.1") -> subprocess.Popen:
+                  host: str = "127.0.0.1", cores_per_worker: int | None = None) -> subprocess.Popen:
     """Start one worker process (without waiting for it to listen)."""
     announce = announce_path(run_folder, index)
     announce.unlink(missing_ok=True)
     command = [sys.executable, "-m", "worker", "--shard", str(shard_path), "--bind", f"tcp://{host}:*",
                "--announce", str(announce)]
-    cpus = cpu_share(index, n_workers)
+    cpus = cpu_share(index, n_workers, cores_per_worker)
     if cpus:
         command += ["--cpus", ",".join(map(str, cpus))]
     log = None
@@ -133,7 +149,7 @@ def launch_worker(shard_path: Path, index: int, n_workers: int, run_folder: Path
     try:
         # A session of its own: Ctrl-C in the terminal reaches the coordinator only, which
         # then stops the workers in order.
-        return subprocess.Popen(command, env=blas_threads_env(n_workers), stdin=subprocess.DEVNULL,
+        return subprocess.Popen(command, env=blas_threads_env(n_workers, cores_per_worker), stdin=subprocess.DEVNULL,
                                 stdout=log or subprocess.DEVNULL, stderr=log, start_new_session=True)
     finally:
         if log:
@@ -172,8 +188,10 @@ def stop_processes(processes: list) -> None:
 class LocalClusterEngine(ClusterEngine):
     """A ClusterEngine that owns its worker processes, restarts lost ones and stops them on close."""
 
-    def __init__(self, *args, shard_folder: Path, run_folder: Path, **kwargs):
+    def __init__(self, *args, shard_folder: Path, run_folder: Path, cores_per_worker: int | None = None,
+                 **kwargs):
         self.shard_folder = shard_folder
+        self.cores_per_worker = cores_per_worker
         self.run_folder = run_folder
         self.processes = kwargs.get("processes") or []
         try:
@@ -193,7 +211,8 @@ class LocalClusterEngine(ClusterEngine):
                 continue
             stop_processes([link.process])
             link.process = launch_worker(self.shard_folder / manifest.shards[link.index].file, link.index,
-                                         len(self.links), self.run_folder, tied_to_us=True)
+                                         len(self.links), self.run_folder, tied_to_us=True,
+                                         cores_per_worker=self.cores_per_worker)
             link.endpoint = wait_for_announce(announce_path(self.run_folder, link.index), link.process,
                                               link.index, time.monotonic() + START_TIMEOUT)
             self.processes[link.index] = link.process
@@ -214,17 +233,23 @@ def default_reduce_mode(n_workers: int) -> str:
 
 
 def open_local_engine(shard_folder: Path, n_workers: int, n_slots: int = 1, timeout: float = 30.0,
-                      reduce: str | None = None):
-    """Start workers for a shard folder and connect to them; close() stops them."""
+                      reduce: str | None = None, cores_per_worker: int | None = None):
+    """Start workers for a shard folder and connect to them; close() stops them.
+
+    cores_per_worker: pin each worker to that many cores with as many BLAS threads
+    (default: the cores shared out evenly, a lone worker unpinned)."""
+    check_cores_per_worker(n_workers, cores_per_worker)
     from common.manifest import load_manifest
     from common.shard_file import load_embedding
     manifest = load_manifest(shard_folder)
     run_folder = Path(tempfile.mkdtemp(prefix="llmtp-run-"))
-    started = start_workers(shard_folder, n_workers, run_folder, tied_to_us=True)
+    started = start_workers(shard_folder, n_workers, run_folder, tied_to_us=True,
+                            cores_per_worker=cores_per_worker)
     return LocalClusterEngine(manifest.config, load_embedding(shard_folder), [w.endpoint for w in started],
                               manifest.source_sha256, n_slots=n_slots, timeout=timeout,
                               processes=[w.process for w in started], shard_folder=shard_folder,
-                              run_folder=run_folder, reduce=reduce or default_reduce_mode(n_workers))
+                              run_folder=run_folder, reduce=reduce or default_reduce_mode(n_workers),
+                              cores_per_worker=cores_per_worker)
 
 
 # `llmtp cluster up / down`: detached workers described by a state file.

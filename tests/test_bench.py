@@ -1,6 +1,7 @@
 """`llmtp bench` runs end to end and reports every field (speed itself is never asserted)."""
 
 import json
+import os
 
 from cli_runner import run_llmtp
 from model_factory import make_config, write_random_checkpoint
@@ -21,7 +22,11 @@ def test_bench_reports_every_engine(tmp_path):
         assert row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0
     two = report["results"][2]
     assert two["sync_ms"] is not None and len(two["worker_peak_rss_mb"]) == 2
-    assert "decode limit" in result.stdout
+    # Each worker gets one core by default, and every row's limit is measured for its cores.
+    cores = len(os.sched_getaffinity(0))
+    assert [r["cores"] for r in report["results"]] == [cores, 1, 2 if cores >= 2 else cores]
+    assert {str(r["cores"]) for r in report["results"]} <= set(report["limits"]["bandwidth_gbs"])
+    assert "2 workers / 1 worker: decode" in result.stdout
 
 
 def test_bench_needs_a_model():

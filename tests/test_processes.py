@@ -13,7 +13,7 @@ import zmq
 
 from cli_runner import llmtp_command, run_llmtp
 from common.checkpoint import load_checkpoint
-from common.errors import WorkerError
+from common.errors import ConfigError, WorkerError
 from common.manifest import load_manifest
 from common.shard_file import load_embedding, write_shards
 from common.transformer import StepSequence
@@ -27,6 +27,15 @@ from process_tools import wait_until_gone, worker_children_of
 def sharded_stories(stories260k, tmp_path_factory):
     folder = tmp_path_factory.mktemp("stories-2w")
     write_shards(load_checkpoint(stories260k["model"]), 2, folder, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sharded_one_worker(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-1w")
+    config = make_config(dim=32, hidden_dim=64, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=40, seq_len=16)
+    write_shards(load_checkpoint(write_random_checkpoint(folder / "tiny.bin", config, seed=3)), 1, folder,
+                 progress=False)
     return folder
 
 
@@ -234,3 +243,28 @@ def test_cpu_share_splits_cores_only_when_each_worker_gets_one(monkeypatch):
     assert [local_cluster.cpu_share(i, 2) for i in range(2)] == [[0, 1], [2, 3]]
     assert [local_cluster.cpu_share(i, 3) for i in range(3)] == [[0], [1], [2]]
     assert local_cluster.cpu_share(0, 1) is None and local_cluster.cpu_share(0, 5) is None
+
+
+def test_cores_per_worker_pins_even_one_worker_and_refuses_too_many(monkeypatch):
+    from coordinator import local_cluster
+    monkeypatch.setattr(local_cluster, "usable_cpus", lambda: [0, 1, 2, 3])
+    assert local_cluster.cpu_share(0, 1, cores_per_worker=1) == [0]
+    assert [local_cluster.cpu_share(i, 2, cores_per_worker=2) for i in range(2)] == [[0, 1], [2, 3]]
+    assert local_cluster.blas_threads_env(2, cores_per_worker=1)["OPENBLAS_NUM_THREADS"] == "1"
+    with pytest.raises(ConfigError, match="does not fit the 4 core"):
+        local_cluster.cpu_share(0, 3, cores_per_worker=2)
+
+
+def test_one_worker_given_one_core_runs_one_blas_thread_on_it(sharded_one_worker):
+    from coordinator.local_cluster import usable_cpus
+    engine = open_local_engine(sharded_one_worker, 1, cores_per_worker=1)
+    try:
+        (process,) = engine.processes
+        with open(f"/proc/{process.pid}/status") as status:
+            allowed = next(line for line in status if line.startswith("Cpus_allowed_list:")).split()[1]
+        with open(f"/proc/{process.pid}/environ", "rb") as environ:
+            variables = dict(item.split(b"=", 1) for item in environ.read().split(b"\0") if b"=" in item)
+        assert expand_cpu_list(allowed) == usable_cpus()[:1]
+        assert variables[b"OPENBLAS_NUM_THREADS"] == b"1"
+    finally:
+        engine.close()
