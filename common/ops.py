@@ -50,9 +50,12 @@ def apply_rope(x: np.ndarray, rotations: np.ndarray) -> np.ndarray:
     return (x.view(np.complex64) * rotations[:, None, :]).view(np.float32)
 
 
-def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    shifted = np.exp(x - np.max(x, axis=axis, keepdims=True))
-    return shifted / np.sum(shifted, axis=axis, keepdims=True)
+def softmax(x: np.ndarray, axis: int = -1, out: np.ndarray | None = None) -> np.ndarray:
+    """exp(x - max) / sum, as run.c; out=x works in place (prefill's scores are large)."""
+    out = np.subtract(x, np.max(x, axis=axis, keepdims=True), out=out)
+    np.exp(out, out=out)
+    out /= np.sum(out, axis=axis, keepdims=True)
+    return out
 
 
 def silu(x: np.ndarray) -> np.ndarray:
@@ -76,9 +79,8 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, first_positio
     head_dim = q.shape[-1]
     n_new, n_seen = q.shape[-2], keys.shape[-2]
     keys, values = keys[..., None, :, :], values[..., None, :, :]  # broadcast over the H query heads
-    scores = (q @ keys.swapaxes(-1, -2)) * np.float32(1.0 / np.sqrt(head_dim))  # (..., H, T, P)
-    if n_new > 1:
-        query_pos = first_position + np.arange(n_new)[:, None]
-        future = np.arange(n_seen)[None, :] > query_pos  # (T, P)
-        scores = np.where(future, np.float32(-np.inf), scores)
-    return softmax(scores) @ values
+    scores = q @ keys.swapaxes(-1, -2)  # (..., H, T, P)
+    scores *= np.float32(1.0 / np.sqrt(head_dim))
+    if n_new > 1:  # query t must not see positions after first_position + t
+        scores += np.triu(np.full((n_new, n_seen), -np.inf, dtype=np.float32), k=first_position + 1)
+    return softmax(scores, out=scores) @ values
