@@ -229,6 +229,26 @@ def time_hf(checkpoint, prompt_tokens: int, decode_tokens: int, cores: int) -> E
                         sync_wait_ms=0.0, coordinator_ms=0.0, sync_ms=None)
 
 
+def measure_gemm_gflops(n_rows: int, n_in: int, n_out: int, library: str) -> float:
+    """Best of 20 products (n_rows x n_in) @ (n_in x n_out), with every core, in numpy or torch."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n_rows, n_in), dtype=np.float32)
+    weight = rng.standard_normal((n_out, n_in), dtype=np.float32)
+    if library == "torch":
+        import torch
+        x_t, weight_t = torch.from_numpy(x), torch.from_numpy(weight)
+        product = lambda: torch.nn.functional.linear(x_t, weight_t)  # noqa: E731
+    else:
+        product = lambda: x @ weight.T  # noqa: E731
+    product()
+    best = float("inf")
+    for _ in range(20):
+        started = time.perf_counter()
+        product()
+        best = min(best, time.perf_counter() - started)
+    return 2 * n_rows * n_in * n_out / best / 1e9
+
+
 @dataclass
 class BenchReport:
     model: str
@@ -236,6 +256,11 @@ class BenchReport:
     weight_mb_per_token: float
     limits: MachineLimits
     results: list
+    prompt_tokens: int = 128
+    decode_tokens: int = 32
+    # prefill's biggest product, (prompt x dim) @ (dim x hidden), in numpy and (with
+    # --compare-hf) torch: library -> GFLOPS. Prefill is bound by these kernels.
+    gemm_gflops: dict = field(default_factory=dict)
 
     def bandwidth_limit_tokens_per_s(self, cores: int) -> float:
         """Decode tokens/s if every weight byte streamed at what `cores` cores measured."""
@@ -285,6 +310,8 @@ def run_bench(model: str, checkpoint_path: Path, worker_counts: list[int], promp
                                        cores_used[n_workers], f"{n_workers} worker{'s' if n_workers > 1 else ''}"))
         finally:
             engine.close()
+    gemm_shape = (prompt_tokens, config.dim, config.hidden_dim)
+    gemm_gflops = {"numpy": measure_gemm_gflops(*gemm_shape, "numpy")}
     if compare_hf:
         print("bench: transformers on the same weights", file=sys.stderr)
         hf = time_hf(checkpoint, prompt_tokens, decode_tokens, cores)
@@ -293,9 +320,11 @@ def run_bench(model: str, checkpoint_path: Path, worker_counts: list[int], promp
                   file=sys.stderr)
         else:
             results.append(hf)
+            gemm_gflops["torch"] = measure_gemm_gflops(*gemm_shape, "torch")
     return BenchReport(model=model, config=asdict(config),
                        weight_mb_per_token=weight_bytes_per_token(config, bytes_per_weight) / 1e6,
-                       limits=limits, results=results)
+                       limits=limits, results=results, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
+                       gemm_gflops=gemm_gflops)
 
 
 def format_report(report: BenchReport) -> str:
@@ -321,6 +350,13 @@ def format_report(report: BenchReport) -> str:
                      f"{r.decode_step_ms:>9.2f}{r.math_ms:>8.2f}{r.sync_wait_ms:>8.2f}{r.coordinator_ms:>8.2f}"
                      f"{per_sync:>12}{ratio:>9}{overhead:>26}")
     lines += scaling_lines(report)
+    if report.gemm_gflops:
+        config = report.config
+        kernels = ", ".join(f"{library} {gflops:.0f} GFLOPS" for library, gflops in report.gemm_gflops.items())
+        ratio = (f" (numpy / torch {report.gemm_gflops['numpy'] / report.gemm_gflops['torch']:.2f}x)"
+                 if "torch" in report.gemm_gflops else "")
+        lines += ["", f"prefill's kernel, ({report.prompt_tokens} x {config['dim']}) @ ({config['dim']} x {config['hidden_dim']}) "
+                      f"on {report.limits.cores} cores: {kernels}{ratio}"]
     return "\n".join(lines)
 
 

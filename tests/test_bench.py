@@ -27,6 +27,7 @@ def test_bench_reports_every_engine(tmp_path):
     assert [r["cores"] for r in report["results"]] == [cores, 1, 2 if cores >= 2 else cores]
     assert {str(r["cores"]) for r in report["results"]} <= set(report["limits"]["bandwidth_gbs"])
     assert "2 workers / 1 worker: decode" in result.stdout
+    assert report["gemm_gflops"]["numpy"] > 0 and "prefill's kernel" in result.stdout
 
 
 def test_bench_needs_a_model():
