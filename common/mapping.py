@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+
-HUGE_PAGE_SHARE_WANTED = 0.9  # a file's tail shorter than 2 MiB is always on small pages
-SMALLEST_WORTH_SETTLING = 8 * 2**20  # a few 2 MiB pages: below that the TLB is not what costs
+HUGE_PAGE = 2 * 2**20
+HUGE_PAGE_SHARE_WANTED = 0.98  # of what can be: a file's tail shorter than 2 MiB is always on small pages
+SMALLEST_WORTH_SETTLING = 4 * HUGE_PAGE  # a few 2 MiB pages: below that the TLB is not what costs
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -75,6 +76,10 @@ def huge_page_share(buffer: mmap.mmap) -> float | None:
     return huge / resident
 
 
+def possible_huge_page_share(n_bytes: int) -> float:
+    return (n_bytes // HUGE_PAGE * HUGE_PAGE) / n_bytes
+
+
 def settle_on_huge_pages(buffer: mmap.mmap, path: str | os.PathLike) -> str | None:
     """Fault the whole map in; if it landed on small pages, drop the file's cached pages and
     fault it in again from disk, onto 2 MiB pages. Returns a line saying what it did, or
@@ -83,7 +88,7 @@ def settle_on_huge_pages(buffer: mmap.mmap, path: str | os.PathLike) -> str | No
     if len(buffer) < SMALLEST_WORTH_SETTLING or not huge_pages_possible() or not hasattr(os, "posix_fadvise"):
         return None
     before = huge_page_share(buffer)
-    if before is None or before >= HUGE_PAGE_SHARE_WANTED:
+    if before is None or before >= HUGE_PAGE_SHARE_WANTED * possible_huge_page_share(len(buffer)):
         return None
     # Unmap our pages, then ask the kernel to forget the file's cached pages; pages another
     # process still maps stay, so this never disturbs anyone else's view of the file.

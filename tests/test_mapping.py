@@ -25,7 +25,7 @@ def test_settling_keeps_the_bytes_and_lands_on_huge_pages(weight_file):
     first = mapping.map_readonly(path)
     note = mapping.settle_on_huge_pages(first, path)
     share = mapping.huge_page_share(first)
-    if share is None or share < mapping.HUGE_PAGE_SHARE_WANTED:
+    if share is None or share < mapping.HUGE_PAGE_SHARE_WANTED:  # the file is a whole number of 2 MiB pages
         pytest.skip(f"this filesystem or kernel gives file maps no 2 MiB pages (share {share})")
     assert note is not None and "reloaded onto 2 MiB pages" in note and str(path) in note
     assert np.array_equal(np.frombuffer(first, dtype=np.uint8), data)
