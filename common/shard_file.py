@@ -127,26 +127,35 @@ def _file_header(kind: str, config: ModelConfig, spec: SliceSpec | None, model_s
 
 
 class _Progress:
-    """`\\r[#####.....] 45% shard 2/4` on stderr for a TTY or a large model; silent otherwise."""
+    """`\r[#####.....] 45% shard 2/4` on a terminal; into a log (a large model only) a line
+    per quarter, so the log does not fill with carriage returns."""
 
     WIDTH = 30
+    LOG_STEP = 25  # percent
 
     def __init__(self, total_bytes: int, enabled: bool):
         self.total = max(total_bytes, 1)
-        self.enabled = enabled and (sys.stderr.isatty() or total_bytes > PROGRESS_MIN_BYTES)
+        self.terminal = sys.stderr.isatty()
+        self.enabled = enabled and (self.terminal or total_bytes > PROGRESS_MIN_BYTES)
         self.done, self.label, self.shown = 0, "", None
 
     def advance(self, n_bytes: int) -> None:
         self.done += n_bytes
         percent = min(100, self.done * 100 // self.total)
-        if self.enabled and (percent, self.label) != self.shown:
+        if not self.enabled:
+            return
+        if self.terminal and (percent, self.label) != self.shown:
             filled = percent * self.WIDTH // 100
             sys.stderr.write(f"\r[{'#' * filled}{'.' * (self.WIDTH - filled)}] {percent:3d}% {self.label}")
             sys.stderr.flush()
             self.shown = (percent, self.label)
+        elif not self.terminal and percent // self.LOG_STEP != (self.shown or (-1,))[0]:
+            sys.stderr.write(f"shard: {percent}% written ({self.label})\n")
+            sys.stderr.flush()
+            self.shown = (percent // self.LOG_STEP,)
 
     def finish(self) -> None:
-        if self.enabled and self.shown is not None:
+        if self.enabled and self.terminal and self.shown is not None:
             sys.stderr.write("\n")
             sys.stderr.flush()
 

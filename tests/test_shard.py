@@ -314,6 +314,10 @@ def test_progress_bar_only_for_large_models_or_a_tty(checkpoints, tmp_path, caps
     write_shards(checkpoints["fp32"], 2, tmp_path / "quiet")
     assert capsys.readouterr().err == ""
     monkeypatch.setattr(shard_file, "PROGRESS_MIN_BYTES", 0)
+    write_shards(checkpoints["fp32"], 2, tmp_path / "logged")  # stderr is captured: no terminal
+    err = capsys.readouterr().err
+    assert "\r" not in err and "shard: 100% written (embedding)\n" in err and len(err.splitlines()) <= 5
+    monkeypatch.setattr(shard_file.sys.stderr, "isatty", lambda: True)
     write_shards(checkpoints["fp32"], 2, tmp_path / "loud")
     err = capsys.readouterr().err
     assert "\r[" in err and "shard 2/2" in err and "100% embedding" in err and err.endswith("\n")
