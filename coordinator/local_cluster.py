@@ -18,7 +18,8 @@ from common.errors import ConfigError, WorkerError
 
 from .cluster_engine import ClusterEngine
 
-START_TIMEOUT = 30.0  # seconds for a worker to load its shard and bind
+START_TIMEOUT = 30.0  # seconds for a worker to bind, plus time to read its shard at SLOWEST_DISK
+SLOWEST_DISK = 100e6  # bytes/s: a worker reads its whole shard (huge pages, sha256) before it listens
 STOP_TIMEOUT = 3.0  # seconds between each stage of shutdown: ask, terminate, kill
 
 
@@ -118,7 +119,7 @@ def start_workers(shard_folder: Path, n_workers: int, run_folder: Path, tied_to_
         for index, shard in enumerate(manifest.shards):
             processes.append(launch_worker(shard_folder / shard.file, index, n_workers, run_folder,
                                            tied_to_us, host, cores_per_worker))
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + start_timeout(max(shard.n_bytes for shard in manifest.shards))
         return [StartedWorker(process, wait_for_announce(announce_path(run_folder, index), process, index,
                                                          deadline))
                 for index, process in enumerate(processes)]
@@ -156,12 +157,17 @@ def launch_worker(shard_path: Path, index: int, n_workers: int, run_folder: Path
             log.close()
 
 
+def start_timeout(shard_bytes: int) -> float:
+    return START_TIMEOUT + shard_bytes / SLOWEST_DISK
+
+
 def wait_for_announce(path: Path, process: subprocess.Popen, index: int, deadline: float) -> str:
+    started = time.monotonic()
     while not path.exists():
         if process.poll() is not None:
             raise WorkerError(f"worker {index} exited with code {process.returncode} while starting")
         if time.monotonic() > deadline:
-            raise WorkerError(f"worker {index} did not start within {START_TIMEOUT:g} s")
+            raise WorkerError(f"worker {index} did not start within {deadline - started:.0f} s")
         time.sleep(0.02)
     return path.read_text().strip()
 
@@ -214,7 +220,8 @@ class LocalClusterEngine(ClusterEngine):
                                          len(self.links), self.run_folder, tied_to_us=True,
                                          cores_per_worker=self.cores_per_worker)
             link.endpoint = wait_for_announce(announce_path(self.run_folder, link.index), link.process,
-                                              link.index, time.monotonic() + START_TIMEOUT)
+                                              link.index,
+                                              time.monotonic() + start_timeout(manifest.shards[link.index].n_bytes))
             self.processes[link.index] = link.process
         super().recover(wait_seconds, lost)
 
