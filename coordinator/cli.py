@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compare-hf", action="store_true", help="also time transformers on the same weights")
     bench.add_argument("-o", "--out", default="bench-out", help="folder for the JSON and PNG")
     bench.add_argument("--probe-mib", type=int, default=1024, help="size of the bandwidth probe's matrix")
+    bench.add_argument("--rounds", type=int, default=3, help="time every engine this many times, interleaved, "
+                       "and keep each one's best (default 3)")
     bench.add_argument("--cores-per-worker", type=int, default=1,
                        help="pin each worker to this many cores, so N workers scale over N x that many "
                             "(default 1; 0 = share all cores, as generate does)")
@@ -319,6 +321,8 @@ def cmd_bench(args) -> int:
         worker_counts = [int(n) for n in args.workers.split(",") if n.strip()]
     except ValueError:
         raise ConfigError(f"-w/--workers must be comma-separated integers, got {args.workers!r}") from None
+    if args.rounds < 1:
+        raise ConfigError(f"--rounds must be 1 or more, got {args.rounds}")
     if args.cores_per_worker < 0:
         raise ConfigError(f"--cores-per-worker must be 0 or more, got {args.cores_per_worker}")
     if args.preset:
@@ -327,7 +331,7 @@ def cmd_bench(args) -> int:
         model, path = Path(args.checkpoint).stem, Path(args.checkpoint)
     report = bench.run_bench(model, path, worker_counts, args.prompt_tokens, args.decode_tokens, args.reduce,
                              args.compare_hf, probe_mib=args.probe_mib,
-                             cores_per_worker=args.cores_per_worker or None)
+                             cores_per_worker=args.cores_per_worker or None, rounds=args.rounds)
     print(bench.format_report(report))
     json_path, png_path = bench.save_report(report, Path(args.out))
     print(f"\nwrote {json_path}" + (f" and {png_path}" if png_path else

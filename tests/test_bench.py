@@ -11,7 +11,7 @@ def test_bench_reports_every_engine(tmp_path):
     config = make_config(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=80, seq_len=64)
     checkpoint = write_random_checkpoint(tmp_path / "tiny.bin", config, seed=2)
     result = run_llmtp("bench", checkpoint, "-w", "1,2", "--prompt-tokens", 16, "--decode-tokens", 4,
-                       "--probe-mib", 16, "-o", tmp_path / "out", timeout=180)
+                       "--probe-mib", 16, "--rounds", 2, "-o", tmp_path / "out", timeout=180)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "out" / "bench-tiny.json").read_text())
     engines = [r["engine"] for r in report["results"]]
@@ -33,3 +33,17 @@ def test_bench_reports_every_engine(tmp_path):
 def test_bench_needs_a_model():
     result = run_llmtp("bench")
     assert result.returncode == 2 and "checkpoint or --preset" in result.stderr
+
+
+def test_rounds_keep_each_engines_best_decode_with_its_time_split_and_best_prefill():
+    from coordinator.bench import EngineResult, best_of
+
+    def result(prefill, decode, math_ms):
+        return EngineResult(engine="1 worker", n_workers=1, cores=1, prefill_tokens_per_s=prefill,
+                            decode_tokens_per_s=decode, decode_step_ms=1000 / decode, math_ms=math_ms,
+                            sync_wait_ms=0.0, coordinator_ms=0.0, sync_ms=None)
+
+    kept = best_of(best_of(None, result(500, 20, 40.0)), result(400, 25, 35.0))
+    assert (kept.prefill_tokens_per_s, kept.decode_tokens_per_s, kept.math_ms) == (500, 25, 35.0)
+    kept = best_of(kept, result(600, 22, 30.0))
+    assert (kept.prefill_tokens_per_s, kept.decode_tokens_per_s, kept.math_ms) == (600, 25, 35.0)
