@@ -422,18 +422,23 @@ def plot_report(report: BenchReport, path: Path) -> bool:
     ours = [r for r in report.results if r.engine != "transformers (torch)"]
     labels = [r.engine for r in ours]
     figure, (speed, split) = plt.subplots(1, 2, figsize=(12, 4.5))
-    positions = np.arange(len(ours))
-    speed.plot(positions, [r.decode_tokens_per_s for r in ours], "o-", label="llmtp decode")
-    speed.plot(positions, [report.bandwidth_limit_tokens_per_s(r.cores) for r in ours], "_", color="red",
-               markersize=30, markeredgewidth=2, label="bandwidth limit of its cores (weights / GB/s)")
+    workers = sorted((r for r in ours if r.n_workers > 0), key=lambda r: r.n_workers)
+    counts = [r.n_workers for r in workers]
+    speed.plot(counts, [r.decode_tokens_per_s for r in workers], "o-", label="llmtp, N workers")
+    speed.plot(counts, [report.bandwidth_limit_tokens_per_s(r.cores) for r in workers], "s--", color="red",
+               label="limit: weights / what their cores stream")
     for r in report.results:
-        if r.engine == "transformers (torch)":
-            speed.axhline(r.decode_tokens_per_s, color="gray", linestyle=":", label="transformers decode")
-    speed.set_xticks(positions, [f"{r.engine}\n{r.cores} core{'s' if r.cores > 1 else ''}" for r in ours])
+        if r.n_workers == 0:
+            style = {"color": "gray", "linestyle": ":"} if r.engine.startswith("transformers") else \
+                {"color": "green", "linestyle": "-."}
+            speed.axhline(r.decode_tokens_per_s, label=f"{r.engine} ({r.cores} cores)", **style)
+    speed.set_xticks(counts, [f"{r.n_workers} ({r.cores} core{'s' if r.cores > 1 else ''})" for r in workers])
+    speed.set_xlabel("workers (cores)")
     speed.set_ylabel("decode tokens/s")
     speed.set_title(f"{report.model}: decode speed")
     speed.set_ylim(bottom=0)
-    speed.legend()
+    speed.legend(fontsize="small")
+    positions = np.arange(len(ours))
     parts = [("math", "math_ms"), ("sync wait", "sync_wait_ms"), ("coordinator + transport", "coordinator_ms")]
     bottom = np.zeros(len(ours))
     for name, key in parts:
@@ -448,6 +453,15 @@ def plot_report(report: BenchReport, path: Path) -> bool:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return True
+
+
+def load_report(path: Path) -> BenchReport:
+    """A report written by save_report, e.g. to draw its plot again."""
+    data = json.loads(Path(path).read_text())
+    limits = data.pop("limits")
+    limits["bandwidth_gbs"] = {int(cores): gbs for cores, gbs in limits["bandwidth_gbs"].items()}
+    results = [EngineResult(**row) for row in data.pop("results")]
+    return BenchReport(limits=MachineLimits(**limits), results=results, **data)
 
 
 def save_report(report: BenchReport, out_dir: Path) -> tuple[Path, Path | None]:

@@ -28,6 +28,9 @@ def test_bench_reports_every_engine(tmp_path):
     assert {str(r["cores"]) for r in report["results"]} <= set(report["limits"]["bandwidth_gbs"])
     assert "2 workers / 1 worker: decode" in result.stdout
     assert report["gemm_gflops"]["numpy"] > 0 and "prefill's kernel" in result.stdout
+    # The JSON holds everything the printed table came from.
+    from coordinator.bench import format_report, load_report
+    assert format_report(load_report(tmp_path / "out" / "bench-tiny.json")) in result.stdout
 
 
 def test_bench_needs_a_model():
