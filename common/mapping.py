@@ -92,13 +92,16 @@ def settle_on_huge_pages(buffer: mmap.mmap, path: str | os.PathLike) -> str | No
         return None
     # Unmap our pages, then ask the kernel to forget the file's cached pages; pages another
     # process still maps stay, so this never disturbs anyone else's view of the file.
-    buffer.madvise(mmap.MADV_DONTNEED)
-    descriptor = os.open(path, os.O_RDONLY)
     try:
-        os.fdatasync(descriptor)  # a freshly written file's dirty pages cannot be dropped
-        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(descriptor)
+        buffer.madvise(mmap.MADV_DONTNEED)
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(descriptor)  # a freshly written file's dirty pages cannot be dropped
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(descriptor)
+    except OSError:  # a filesystem that will not sync or drop pages: keep the small ones
+        pass
     populate(buffer)
     after = huge_page_share(buffer)
     if after is None or after <= before:  # this filesystem keeps file pages small: nothing gained
