@@ -19,7 +19,10 @@ import numpy as np
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+
 HUGE_PAGE = 2 * 2**20
 HUGE_PAGE_SHARE_WANTED = 0.98  # of what can be: a file's tail shorter than 2 MiB is always on small pages
-SMALLEST_WORTH_SETTLING = 4 * HUGE_PAGE  # a few 2 MiB pages: below that the TLB is not what costs
+SMALLEST_WORTH_SETTLING = 4 * HUGE_PAGE
+# A step streams every page once, so the TLB misses cost the same share of any large file's
+# stream; a reload is worth a line only where re-reading the file takes a noticeable moment.
+SMALLEST_WORTH_SAYING = 256 * 2**20
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -104,7 +107,7 @@ def settle_on_huge_pages(buffer: mmap.mmap, path: str | os.PathLike) -> str | No
         pass
     populate(buffer)
     after = huge_page_share(buffer)
-    if after is None or after <= before:  # this filesystem keeps file pages small: nothing gained
-        return None
+    if after is None or after <= before or len(buffer) < SMALLEST_WORTH_SAYING:
+        return None  # nothing gained (this filesystem keeps file pages small), or too quick to mention
     return (f"{path}: reloaded onto 2 MiB pages for faster streaming "
             f"({100 * before:.0f}% -> {100 * after:.0f}% of it)")

@@ -18,8 +18,9 @@ def weight_file(tmp_path):
     return path, data
 
 
-def test_settling_keeps_the_bytes_and_lands_on_huge_pages(weight_file):
+def test_settling_keeps_the_bytes_and_lands_on_huge_pages(weight_file, monkeypatch):
     path, data = weight_file
+    monkeypatch.setattr(mapping, "SMALLEST_WORTH_SAYING", 0)  # our file is small; say what happened
     if not mapping.huge_pages_possible():
         pytest.skip("transparent huge pages are off on this kernel")
     first = mapping.map_readonly(path)
