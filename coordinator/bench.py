@@ -242,9 +242,6 @@ class HFModel:
                             decode_tokens_per_s=1.0 / step, decode_step_ms=step * 1000, math_ms=step * 1000,
                             sync_wait_ms=0.0, coordinator_ms=0.0, sync_ms=None)
 
-    def close(self) -> None:
-        pass
-
 
 def best_of(kept: EngineResult | None, new: EngineResult) -> EngineResult:
     """The round with the faster decode (its time split with it), with the faster prefill of the two."""
