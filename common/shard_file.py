@@ -142,17 +142,17 @@ class _Progress:
     def advance(self, n_bytes: int) -> None:
         self.done += n_bytes
         percent = min(100, self.done * 100 // self.total)
-        if not self.enabled:
+        # What the reader sees changes with each percent and label on a terminal, each quarter in a log.
+        seen = (percent, self.label) if self.terminal else percent // self.LOG_STEP
+        if not self.enabled or seen == self.shown:
             return
-        if self.terminal and (percent, self.label) != self.shown:
+        if self.terminal:
             filled = percent * self.WIDTH // 100
             sys.stderr.write(f"\r[{'#' * filled}{'.' * (self.WIDTH - filled)}] {percent:3d}% {self.label}")
-            sys.stderr.flush()
-            self.shown = (percent, self.label)
-        elif not self.terminal and percent // self.LOG_STEP != (self.shown or (-1,))[0]:
+        else:
             sys.stderr.write(f"shard: {percent}% written ({self.label})\n")
-            sys.stderr.flush()
-            self.shown = (percent // self.LOG_STEP,)
+        sys.stderr.flush()
+        self.shown = seen
 
     def finish(self) -> None:
         if self.enabled and self.terminal and self.shown is not None:
