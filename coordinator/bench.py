@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import ModelConfig
-from common.errors import ConfigError
-from common.transformer import StepSequence
+from llmtp.common.model.config import ModelConfig
+from llmtp.common.errors import ConfigError
+from llmtp.common.model.transformer import StepSequence
 
 PRESETS = {
     "15M": ModelConfig(dim=288, hidden_dim=768, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=32000,
@@ -100,7 +100,7 @@ def measure_zmq_round_trip(dim: int, rounds: int = 2000) -> float:
     """Median ms for one protocol-shaped message (header + dim float32) to go there and back."""
     import zmq
 
-    from common import protocol
+    from llmtp.common.wire import protocol
     server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True)
     context = zmq.Context()
     try:
@@ -129,7 +129,7 @@ def measure_zmq_round_trip(dim: int, rounds: int = 2000) -> float:
 
 def synthetic_checkpoint(preset: str) -> Path:
     """A random-weight v1 checkpoint of a preset's shape, made once into the cache."""
-    from common.checkpoint import write_checkpoint
+    from llmtp.common.formats.checkpoint import write_checkpoint
 
     from .local_cluster import cache_dir
     config = PRESETS[preset]
@@ -144,7 +144,7 @@ def synthetic_checkpoint(preset: str) -> Path:
 
 def random_model_weights(config: ModelConfig, seed: int):
     """Weights scaled like a trained model's (std 0.02, unit norms), so activations stay finite."""
-    from common.weights import LayerWeights, ModelWeights
+    from llmtp.common.model.weights import LayerWeights, ModelWeights
     rng = np.random.default_rng(seed)
 
     def matrix(rows, cols):
@@ -301,8 +301,8 @@ def run_bench(model: str, checkpoint_path: Path, worker_counts: list[int], promp
     not fit the cores falls back to sharing.
 
     Every engine stays open for `rounds` rounds; each reports its best."""
-    from common.checkpoint import load_checkpoint
-    from common.engine import LocalEngine
+    from llmtp.common.formats.checkpoint import load_checkpoint
+    from .local_engine import LocalEngine
 
     from .local_cluster import ensure_shards, open_local_engine, usable_cpus
     checkpoint = load_checkpoint(checkpoint_path)

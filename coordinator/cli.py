@@ -6,10 +6,11 @@ import sys
 import time
 from pathlib import Path
 
-import common
-from common.errors import ConfigError, run_handler
+import llmtp
+import llmtp.common as common_package
+from llmtp.common.errors import ConfigError, run_handler
 
-DEFAULT_MODEL_DIR = Path(common.__file__).resolve().parent / "default_model"  # package data
+DEFAULT_MODEL_DIR = Path(common_package.__file__).resolve().parent / "default_model"  # package data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmtp", description="Llama-2 inference split across worker processes.")
+    parser.add_argument("--version", action="version", version=f"llmtp {llmtp.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = commands.add_parser("generate", help="generate text (run.c's flags)")
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(instead of CHECKPOINT, -w and -o)")
     shard.set_defaults(handler=cmd_shard)
 
-    from worker.cli import add_arguments as add_worker_arguments, cmd_worker
+    from llmtp.worker.cli import add_arguments as add_worker_arguments, cmd_worker
     work = commands.add_parser("worker", help="serve one shard to a coordinator")
     add_worker_arguments(work)
     work.set_defaults(handler=cmd_worker)
@@ -148,8 +150,8 @@ def plan_steps(requested: int, n_prompt: int, seq_len: int) -> int:
 
 
 def cmd_generate(args) -> int:
-    from common.sampler import Sampler, SamplerConfig
-    from common.tokenizer import load_tokenizer
+    from llmtp.common.model.sampler import Sampler, SamplerConfig
+    from llmtp.common.formats.tokenizer import load_tokenizer
     from .generate import generate, report_speed
 
     check_sampling_args(args)
@@ -186,8 +188,8 @@ def plan_engine(args):
 
     With workers, the coordinator maps only the shard folder's embedding table; the
     checkpoint itself is read once, to shard it into the cache."""
-    from common.manifest import load_manifest
-    from . import local_cluster
+    from llmtp.common.formats.manifest import load_manifest
+    from llmtp.coordinator import local_cluster
 
     if args.config is not None:
         return plan_config_engine(args)
@@ -206,15 +208,15 @@ def plan_engine(args):
         return config, tokenizer_path, lambda: local_cluster.open_local_engine(
             shard_folder, args.workers, timeout=args.timeout)
 
-    from common.checkpoint import load_checkpoint
-    from common.engine import LocalEngine
+    from llmtp.common.formats.checkpoint import load_checkpoint
+    from .local_engine import LocalEngine
     checkpoint = load_checkpoint(checkpoint_path)
     return checkpoint.config, tokenizer_path, lambda: LocalEngine.from_checkpoint(checkpoint)
 
 
 def plan_config_engine(args):
     """plan_engine for --config: the YAML's tokenizer (unless -z), shards and workers."""
-    from common.cluster_config import load_cluster_config
+    from llmtp.common.cluster.config import load_cluster_config
     from .config_cluster import coordinator_manifest, open_config_engine
     if args.checkpoint or args.workers or args.cluster is not None:
         raise ConfigError("--config replaces CHECKPOINT, --workers and --cluster")
@@ -238,14 +240,14 @@ def check_sampling_args(args) -> None:
 
 
 def cmd_tokenize(args) -> int:
-    from common.tokenizer import load_tokenizer
+    from llmtp.common.formats.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(args.tokenizer)
     print(" ".join(str(token) for token in tokenizer.encode(args.prompt, bos=True)))
     return 0
 
 
 def cmd_convert(args) -> int:
-    from common.checkpoint import convert_checkpoint
+    from llmtp.common.formats.checkpoint import convert_checkpoint
     converted = convert_checkpoint(args.input, args.output, args.version, args.group_size)
     print(f"wrote {args.output}: version {converted.version}, {converted.n_bytes} bytes", file=sys.stderr)
     return 0
@@ -265,7 +267,7 @@ def cmd_shard(args) -> int:
 
 
 def cmd_shard_config(args) -> int:
-    from common.cluster_config import load_cluster_config
+    from llmtp.common.cluster.config import load_cluster_config
     from .config_cluster import shard_for_config
     if args.checkpoint or args.workers is not None or args.output:
         raise ConfigError("--config replaces CHECKPOINT, -w and -o (the config's model, workers and shards)")
@@ -283,7 +285,7 @@ def cmd_shard_config(args) -> int:
 
 
 def cmd_keygen(args) -> int:
-    from common.security import generate_keys, keys_yaml
+    from llmtp.common.wire.security import generate_keys, keys_yaml
     written = generate_keys(args.output)
     for public, secret in written.values():
         print(f"wrote {public} and {secret} (secret, mode 0600)", file=sys.stderr)
@@ -294,7 +296,7 @@ def cmd_keygen(args) -> int:
 
 
 def cmd_cluster_up(args) -> int:
-    from . import local_cluster
+    from llmtp.coordinator import local_cluster
     if args.workers < 1:
         raise ConfigError(f"-w/--workers must be >= 1, got {args.workers}")
     checkpoint_path, tokenizer_path = resolve_model_paths(args.checkpoint, args.tokenizer)
@@ -307,14 +309,14 @@ def cmd_cluster_up(args) -> int:
 
 
 def cmd_cluster_down(args) -> int:
-    from . import local_cluster
+    from llmtp.coordinator import local_cluster
     stopped = local_cluster.cluster_down(local_cluster.state_path(args.state))
     print(f"stopped {stopped} worker(s)")
     return 0
 
 
 def cmd_bench(args) -> int:
-    from . import bench
+    from llmtp.coordinator import bench
     if (args.checkpoint is None) == (args.preset is None):
         raise ConfigError("bench needs a checkpoint or --preset (not both)")
     try:
@@ -340,7 +342,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from common.checkpoint import describe_checkpoint, load_checkpoint
+    from llmtp.common.formats.checkpoint import describe_checkpoint, load_checkpoint
     print(describe_checkpoint(load_checkpoint(args.checkpoint)))
     return 0
 

@@ -18,12 +18,12 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from common import protocol, security
-from common.config import ModelConfig
-from common.errors import ProtocolError, WorkerError
-from common.protocol import Message
-from common.transformer import StepSequence
-from common.weights import Matrix, embed_tokens
+from llmtp.common.wire import protocol, security
+from llmtp.common.model.config import ModelConfig
+from llmtp.common.errors import ProtocolError, WorkerError
+from llmtp.common.wire.protocol import Message
+from llmtp.common.model.transformer import StepSequence
+from llmtp.common.model.weights import Matrix, embed_tokens
 
 HEARTBEAT_INTERVAL_MS = 1000
 SHM_CAPACITY_ROWS = 512  # rows per worker slot in a shared-memory segment; longer steps use peers
@@ -149,7 +149,7 @@ class ClusterEngine:
         if any, is released: a restarted worker must not see stale counters)."""
         from multiprocessing import shared_memory
 
-        from worker.shm_exchange import segment_bytes
+        from llmtp.common.exchange.shm import segment_bytes
         self.release_shared_memory()
         rows = min(self.config.seq_len, SHM_CAPACITY_ROWS)
         self.shared_memory = shared_memory.SharedMemory(

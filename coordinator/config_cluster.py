@@ -6,11 +6,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common.cluster_config import ClusterConfig
-from common.errors import ConfigError
-from common.manifest import MANIFEST_NAME, Manifest, load_manifest
-from common.security import load_coordinator_keys
-from common.shard_file import EMBEDDING_NAME, load_embedding, shard_file_name, write_shards
+from llmtp.common.cluster.config import ClusterConfig
+from llmtp.common.errors import ConfigError
+from llmtp.common.formats.manifest import MANIFEST_NAME, Manifest, load_manifest
+from llmtp.common.cluster.keys import load_coordinator_keys
+from llmtp.common.formats.shard_file import EMBEDDING_NAME, load_embedding, shard_file_name, write_shards
 
 from .cluster_engine import ClusterEngine
 
@@ -19,7 +19,7 @@ def shard_for_config(config: ClusterConfig, progress: bool = True) -> dict[str, 
     """Write <shards>/<host>/ for every host: shard-S-of-N.bin of each worker there, and on
     the coordinator's host embedding.bin, and on every host manifest.json (the coordinator's
     written last: its folder is complete once it exists). Returns host -> files written."""
-    from common.checkpoint import load_checkpoint
+    from llmtp.common.formats.checkpoint import load_checkpoint
     if not config.model.is_file():
         raise ConfigError(f"{config.path}: model: {config.model} does not exist")
     checkpoint = load_checkpoint(config.model)

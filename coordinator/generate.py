@@ -8,8 +8,8 @@ from typing import Callable
 
 import numpy as np
 
-from common.sampler import Sampler
-from common.transformer import StepSequence
+from llmtp.common.model.sampler import Sampler
+from llmtp.common.model.transformer import StepSequence
 
 BOS_ID, EOS_ID = 1, 2
 

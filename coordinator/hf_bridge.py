@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from common.config import NORM_EPS, ROPE_THETA, ModelConfig
-from common.quantize import as_float32
-from common.weights import ModelWeights
+from llmtp.common.model.config import NORM_EPS, ROPE_THETA, ModelConfig
+from llmtp.common.model.quantize import as_float32
+from llmtp.common.model.weights import ModelWeights
 
 
 def permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import ConfigError, WorkerError
+from llmtp.common.errors import ConfigError, WorkerError
 
 from .cluster_engine import ClusterEngine
 
@@ -38,8 +38,8 @@ def shard_cache_folder(checkpoint_path: Path, n_workers: int) -> Path:
 def ensure_shards(checkpoint_path: Path, n_workers: int) -> Path:
     """The shard folder for this checkpoint and worker count, writing it on first use.
     Only then is the checkpoint itself opened."""
-    from common.checkpoint import load_checkpoint
-    from common.shard_file import write_shards
+    from llmtp.common.formats.checkpoint import load_checkpoint
+    from llmtp.common.formats.shard_file import write_shards
     if not checkpoint_path.is_file():
         raise ConfigError(f"{checkpoint_path}: no such checkpoint file")
     folder = shard_cache_folder(checkpoint_path, n_workers)
@@ -111,7 +111,7 @@ def start_workers(shard_folder: Path, n_workers: int, run_folder: Path, tied_to_
 
     tied_to_us: the workers exit when this process does (one `generate`); otherwise they
     are detached daemons (`cluster up`) that log into run_folder."""
-    from common.manifest import load_manifest
+    from llmtp.common.formats.manifest import load_manifest
     manifest = load_manifest(shard_folder)
     run_folder.mkdir(parents=True, exist_ok=True)
     processes: list[subprocess.Popen] = []
@@ -137,7 +137,7 @@ def launch_worker(shard_path: Path, index: int, n_workers: int, run_folder: Path
     """Start one worker process (without waiting for it to listen)."""
     announce = announce_path(run_folder, index)
     announce.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "worker", "--shard", str(shard_path), "--bind", f"tcp://{host}:*",
+    command = [sys.executable, "-m", "llmtp.worker", "--shard", str(shard_path), "--bind", f"tcp://{host}:*",
                "--announce", str(announce)]
     cpus = cpu_share(index, n_workers, cores_per_worker)
     if cpus:
@@ -210,7 +210,7 @@ class LocalClusterEngine(ClusterEngine):
     def recover(self, wait_seconds: float, lost: set[int] = frozenset()) -> None:
         """Restart every worker that died or was reported lost (a hung one is killed first),
         then reconnect all of them in a new session."""
-        from common.manifest import load_manifest
+        from llmtp.common.formats.manifest import load_manifest
         manifest = load_manifest(self.shard_folder)
         for link in self.links:
             if link.index not in lost and link.process.poll() is None:
@@ -246,8 +246,8 @@ def open_local_engine(shard_folder: Path, n_workers: int, n_slots: int = 1, time
     cores_per_worker: pin each worker to that many cores with as many BLAS threads
     (default: the cores shared out evenly, a lone worker unpinned)."""
     check_cores_per_worker(n_workers, cores_per_worker)
-    from common.manifest import load_manifest
-    from common.shard_file import load_embedding
+    from llmtp.common.formats.manifest import load_manifest
+    from llmtp.common.formats.shard_file import load_embedding
     manifest = load_manifest(shard_folder)
     run_folder = Path(tempfile.mkdtemp(prefix="llmtp-run-"))
     started = start_workers(shard_folder, n_workers, run_folder, tied_to_us=True,
@@ -293,8 +293,8 @@ def read_cluster_state(state_file: Path) -> dict:
 
 
 def open_cluster_engine(state: dict, n_slots: int = 1, timeout: float = 30.0) -> ClusterEngine:
-    from common.manifest import load_manifest
-    from common.shard_file import load_embedding
+    from llmtp.common.formats.manifest import load_manifest
+    from llmtp.common.formats.shard_file import load_embedding
     shard_folder = Path(state["shards"])
     manifest = load_manifest(shard_folder)
     return ClusterEngine(manifest.config, load_embedding(shard_folder),

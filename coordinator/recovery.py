@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from common.transformer import StepSequence
+from llmtp.common.model.transformer import StepSequence
 
 from .cluster_engine import WorkerLost
 

@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from common.checkpoint import load_checkpoint
-from common.manifest import Manifest
-from common.shard_file import write_shards
+from llmtp.common.formats.checkpoint import load_checkpoint
+from llmtp.common.formats.manifest import Manifest
+from llmtp.common.formats.shard_file import write_shards
 
 
 def run_shard(checkpoint_path: str | Path, n_workers: int, out_dir: str | Path, progress: bool = True) -> Manifest:

@@ -33,8 +33,8 @@ read -r -a ssh_command <<< "${SSH:-ssh -o BatchMode=yes}"
 # one "index host" line per worker
 workers=$("$python" -c '
 import sys
-from common.cluster_config import load_cluster_config
-from common.errors import LlmtpError
+from llmtp.common.cluster.config import load_cluster_config
+from llmtp.common.errors import LlmtpError
 try:
     config = load_cluster_config(sys.argv[1])
 except LlmtpError as error:

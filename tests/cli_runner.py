@@ -8,7 +8,7 @@ from pathlib import Path
 
 def llmtp_command() -> list[str]:
     script = Path(sys.executable).parent / "llmtp"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "coordinator.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "llmtp.coordinator.cli"]
 
 
 def run_llmtp(*args, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:

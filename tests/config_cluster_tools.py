@@ -1,5 +1,5 @@
 """Helpers for tests of YAML-described clusters: write a config, start its workers
-(`python -m worker --config ... --index I`, optionally inside a network namespace),
+(`python -m llmtp.worker --config ... --index I`, optionally inside a network namespace),
 stop them, and a model to run (stories260K when present, else a random one)."""
 
 import os
@@ -65,7 +65,7 @@ def start_config_workers(config_path: Path, count: int, log_folder: Path,
         for index in range(count):
             log = open(log_folder / f"worker-{index}.log", "wb")
             command = (prefix(index) if prefix else []) + [
-                sys.executable, "-m", "worker", "--config", str(config_path), "--index", str(index),
+                sys.executable, "-m", "llmtp.worker", "--config", str(config_path), "--index", str(index),
                 "--parent-pid", str(os.getpid())]
             processes.append(subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                               cwd=Path(__file__).resolve().parents[1]))

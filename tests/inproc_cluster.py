@@ -7,9 +7,9 @@ import threading
 
 import numpy as np
 
-from common.slicing import slice_weights
-from common.split import plan_split
-from common.transformer import SliceModel
+from llmtp.common.model.slicing import slice_weights
+from llmtp.common.model.split import plan_split
+from llmtp.common.model.transformer import SliceModel
 
 
 class ThreadedCluster:

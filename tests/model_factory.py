@@ -4,9 +4,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.checkpoint import write_checkpoint
-from common.config import ModelConfig
-from common.weights import LayerWeights, ModelWeights
+from llmtp.common.formats.checkpoint import write_checkpoint
+from llmtp.common.model.config import ModelConfig
+from llmtp.common.model.weights import LayerWeights, ModelWeights
 
 WEIGHT_SCALE = 0.1  # keeps activations of a few layers in a sane range
 NORM_SPREAD = 0.1  # norms are 1 +- this

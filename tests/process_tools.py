@@ -43,7 +43,7 @@ def worker_children_of(pid: int) -> list[int]:
     for child in children_of(pid):
         try:
             with open(f"/proc/{child}/cmdline", "rb") as handle:
-                if b"-m\x00worker" in handle.read():
+                if b"-m\x00llmtp.worker" in handle.read():
                     workers.append(child)
         except OSError:
             pass

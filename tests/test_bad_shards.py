@@ -5,9 +5,9 @@ import shutil
 import pytest
 
 from cli_runner import run_llmtp
-from common.shard_file import write_shards
+from llmtp.common.formats.shard_file import write_shards
 from model_factory import make_config, write_random_checkpoint
-from common.checkpoint import load_checkpoint
+from llmtp.common.formats.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ def test_bench_reports_every_engine(tmp_path):
     assert "2 workers / 1 worker: decode" in result.stdout
     assert report["gemm_gflops"]["numpy"] > 0 and "prefill's kernel" in result.stdout
     # The JSON holds everything the printed table came from.
-    from coordinator.bench import format_report, load_report
+    from llmtp.coordinator.bench import format_report, load_report
     assert format_report(load_report(tmp_path / "out" / "bench-tiny.json")) in result.stdout
 
 
@@ -39,7 +39,7 @@ def test_bench_needs_a_model():
 
 
 def test_rounds_keep_each_engines_best_decode_with_its_time_split_and_best_prefill():
-    from coordinator.bench import EngineResult, best_of
+    from llmtp.coordinator.bench import EngineResult, best_of
 
     def result(prefill, decode, math_ms):
         return EngineResult(engine="1 worker", n_workers=1, cores=1, prefill_tokens_per_s=prefill,

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.checkpoint import (Checkpoint, convert_checkpoint, default_group_size, describe_checkpoint,
+from llmtp.common.formats.checkpoint import (Checkpoint, convert_checkpoint, default_group_size, describe_checkpoint,
                                load_checkpoint, valid_group_sizes, write_checkpoint)
-from common.config import ModelConfig
-from common.errors import ConfigError, FormatError
-from common.weights import QuantizedMatrix
+from llmtp.common.model.config import ModelConfig
+from llmtp.common.errors import ConfigError, FormatError
+from llmtp.common.model.weights import QuantizedMatrix
 from model_factory import make_config, random_weights, write_random_checkpoint
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "shared" / "models"

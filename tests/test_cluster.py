@@ -6,13 +6,13 @@ import re
 import numpy as np
 import pytest
 
-from common.checkpoint import load_checkpoint
-from common.engine import LocalEngine
-from common.sampler import Sampler, SamplerConfig
-from common.shard_file import write_shards
-from common.transformer import StepSequence
-from coordinator.generate import generate
-from coordinator.local_cluster import open_local_engine
+from llmtp.common.formats.checkpoint import load_checkpoint
+from llmtp.coordinator.local_engine import LocalEngine
+from llmtp.common.model.sampler import Sampler, SamplerConfig
+from llmtp.common.formats.shard_file import write_shards
+from llmtp.common.model.transformer import StepSequence
+from llmtp.coordinator.generate import generate
+from llmtp.coordinator.local_cluster import open_local_engine
 from inproc_cluster import ThreadedCluster
 from model_factory import make_config, write_random_checkpoint
 
@@ -132,7 +132,7 @@ def test_shared_memory_reduce_matches_and_falls_back_for_long_steps(random_check
                                                                    capacity_rows):
     """reduce "shm" (local default when every worker has a core); with 4-row slots the
     6-token prefill goes through the ZeroMQ peers instead, decode through shared memory."""
-    import coordinator.cluster_engine as cluster_engine
+    import llmtp.coordinator.cluster_engine as cluster_engine
     monkeypatch.setattr(cluster_engine, "SHM_CAPACITY_ROWS", capacity_rows)
     assert_reduce_mode_matches(random_checkpoint, tmp_path, 3, "shm")
 

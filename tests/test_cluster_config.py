@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from cli_runner import run_llmtp
-from common.cluster_config import Keys, Timeouts, is_loopback, load_cluster_config
-from common.errors import ConfigError
+from llmtp.common.cluster.config import Keys, Timeouts, is_loopback, load_cluster_config
+from llmtp.common.errors import ConfigError
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 KEYS = {"coordinator_public": "keys/coordinator.key", "coordinator_secret": "keys/coordinator.key_secret",

@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 from cli_runner import llmtp_command
-from common.checkpoint import load_checkpoint
-from common.cluster_config import load_cluster_config
-from common.engine import LocalEngine
-from common.sampler import Sampler, SamplerConfig
+from llmtp.common.formats.checkpoint import load_checkpoint
+from llmtp.common.cluster.config import load_cluster_config
+from llmtp.coordinator.local_engine import LocalEngine
+from llmtp.common.model.sampler import Sampler, SamplerConfig
 from config_cluster_tools import free_ports, pick_model, write_config
-from coordinator.config_cluster import open_config_engine, shard_for_config
-from coordinator.generate import generate
+from llmtp.coordinator.config_cluster import open_config_engine, shard_for_config
+from llmtp.coordinator.generate import generate
 from process_tools import is_alive, wait_until_gone
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"

@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 
 from cli_runner import llmtp_command
-from common.checkpoint import load_checkpoint
-from common.errors import WorkerError
-from common.manifest import load_manifest
-from common.sampler import Sampler, SamplerConfig
-from common.shard_file import load_embedding, write_shards
-from common.transformer import StepSequence
-from coordinator.cluster_engine import ClusterEngine, WorkerLost
-from coordinator.generate import generate
-from coordinator.local_cluster import launch_worker, open_local_engine, start_workers, stop_processes, \
+from llmtp.common.formats.checkpoint import load_checkpoint
+from llmtp.common.errors import WorkerError
+from llmtp.common.formats.manifest import load_manifest
+from llmtp.common.model.sampler import Sampler, SamplerConfig
+from llmtp.common.formats.shard_file import load_embedding, write_shards
+from llmtp.common.model.transformer import StepSequence
+from llmtp.coordinator.cluster_engine import ClusterEngine, WorkerLost
+from llmtp.coordinator.generate import generate
+from llmtp.coordinator.local_cluster import launch_worker, open_local_engine, start_workers, stop_processes, \
     wait_for_announce
-from coordinator.recovery import RecoveringEngine
+from llmtp.coordinator.recovery import RecoveringEngine
 from process_tools import wait_until_gone, worker_children_of
 
 
@@ -147,7 +147,7 @@ def test_remote_worker_that_comes_back_is_waited_for(stories260k, shards, tmp_pa
 
 def launch_command(shard_path, endpoint):
     import sys
-    return [sys.executable, "-m", "worker", "--shard", str(shard_path), "--bind", endpoint,
+    return [sys.executable, "-m", "llmtp.worker", "--shard", str(shard_path), "--bind", endpoint,
             "--parent-pid", str(os.getpid())]
 
 

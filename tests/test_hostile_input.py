@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import zmq
 
-from common import protocol
-from common.checkpoint import load_checkpoint
-from common.engine import LocalEngine
-from common.manifest import load_manifest
-from common.shard_file import load_embedding, write_shards
-from common.transformer import StepSequence
-from coordinator.cluster_engine import ClusterEngine
-from coordinator.local_cluster import start_workers, stop_processes
+from llmtp.common.wire import protocol
+from llmtp.common.formats.checkpoint import load_checkpoint
+from llmtp.coordinator.local_engine import LocalEngine
+from llmtp.common.formats.manifest import load_manifest
+from llmtp.common.formats.shard_file import load_embedding, write_shards
+from llmtp.common.model.transformer import StepSequence
+from llmtp.coordinator.cluster_engine import ClusterEngine
+from llmtp.coordinator.local_cluster import start_workers, stop_processes
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from common import mapping
+from llmtp.common.formats import mapping
 
 FILE_BYTES = 16 * 2**20
 

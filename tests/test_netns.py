@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 
 from cli_runner import run_llmtp
-from common.checkpoint import load_checkpoint
-from common.cluster_config import load_cluster_config
-from common.engine import LocalEngine
-from common.sampler import Sampler, SamplerConfig
-from common.security import generate_keys
-from common.transformer import StepSequence
+from llmtp.common.formats.checkpoint import load_checkpoint
+from llmtp.common.cluster.config import load_cluster_config
+from llmtp.coordinator.local_engine import LocalEngine
+from llmtp.common.model.sampler import Sampler, SamplerConfig
+from llmtp.common.wire.security import generate_keys
+from llmtp.common.model.transformer import StepSequence
 from config_cluster_tools import keys_section, pick_model, start_config_workers, stop_workers, write_config
-from coordinator.config_cluster import open_config_engine, shard_for_config
-from coordinator.generate import generate
+from llmtp.coordinator.config_cluster import open_config_engine, shard_for_config
+from llmtp.coordinator.generate import generate
 from netns_tools import Lab, NetemUnavailable, namespaces_unavailable
 
 N_HOSTS = 3

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.checkpoint import load_checkpoint
-from common.engine import LocalEngine
-from common.transformer import StepSequence
+from llmtp.common.formats.checkpoint import load_checkpoint
+from llmtp.coordinator.local_engine import LocalEngine
+from llmtp.common.model.transformer import StepSequence
 from model_factory import make_config, write_random_checkpoint
 from reference_forward import reference_logits
 

@@ -12,13 +12,13 @@ import pytest
 import zmq
 
 from cli_runner import llmtp_command, run_llmtp
-from common.checkpoint import load_checkpoint
-from common.errors import ConfigError, WorkerError
-from common.manifest import load_manifest
-from common.shard_file import load_embedding, write_shards
-from common.transformer import StepSequence
-from coordinator.cluster_engine import ClusterEngine
-from coordinator.local_cluster import open_local_engine, start_workers, stop_processes
+from llmtp.common.formats.checkpoint import load_checkpoint
+from llmtp.common.errors import ConfigError, WorkerError
+from llmtp.common.formats.manifest import load_manifest
+from llmtp.common.formats.shard_file import load_embedding, write_shards
+from llmtp.common.model.transformer import StepSequence
+from llmtp.coordinator.cluster_engine import ClusterEngine
+from llmtp.coordinator.local_cluster import open_local_engine, start_workers, stop_processes
 from model_factory import make_config, write_random_checkpoint
 from process_tools import wait_until_gone, worker_children_of
 
@@ -43,7 +43,7 @@ def test_workers_exit_when_the_coordinator_is_killed(sharded_stories):
     script = textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from coordinator.local_cluster import open_local_engine
+        from llmtp.coordinator.local_cluster import open_local_engine
         engine = open_local_engine(Path({str(sharded_stories)!r}), 2)
         print(" ".join(str(p.pid) for p in engine.processes), flush=True)
         time.sleep(60)
@@ -133,8 +133,8 @@ def test_coordinator_maps_only_the_embedding(stories260k, sharded_stories):
     script = textwrap.dedent(f"""
         from pathlib import Path
         import numpy as np
-        from coordinator.local_cluster import open_local_engine
-        from common.transformer import StepSequence
+        from llmtp.coordinator.local_cluster import open_local_engine
+        from llmtp.common.model.transformer import StepSequence
         engine = open_local_engine(Path({str(sharded_stories)!r}), 2)
         engine.step(np.array([1, 403]), [StepSequence(0, 0, 2)])
         print(open("/proc/self/maps").read())
@@ -201,7 +201,7 @@ def test_junk_on_a_worker_port_is_survived(sharded_stories, one_worker, stories2
     assert all(w.process.poll() is None for w in one_worker)
     engine = connect(sharded_stories, endpoints)
     try:
-        from common.engine import LocalEngine
+        from llmtp.coordinator.local_engine import LocalEngine
         checkpoint = load_checkpoint(stories260k["model"])
         local = LocalEngine(checkpoint.config, checkpoint.weights)
         tokens = np.array([1, 403, 407, 261, 378])
@@ -212,7 +212,7 @@ def test_junk_on_a_worker_port_is_survived(sharded_stories, one_worker, stories2
 
 
 def test_local_workers_are_pinned_to_their_own_cores(sharded_stories):
-    from coordinator.local_cluster import cpu_share, usable_cpus
+    from llmtp.coordinator.local_cluster import cpu_share, usable_cpus
     if len(usable_cpus()) < 2:
         pytest.skip("one usable core: nothing to pin")
     engine = open_local_engine(sharded_stories, 2)
@@ -238,7 +238,7 @@ def expand_cpu_list(text: str) -> list[int]:
 
 
 def test_cpu_share_splits_cores_only_when_each_worker_gets_one(monkeypatch):
-    from coordinator import local_cluster
+    from llmtp.coordinator import local_cluster
     monkeypatch.setattr(local_cluster, "usable_cpus", lambda: [0, 1, 2, 3])
     assert [local_cluster.cpu_share(i, 2) for i in range(2)] == [[0, 1], [2, 3]]
     assert [local_cluster.cpu_share(i, 3) for i in range(3)] == [[0], [1], [2]]
@@ -246,7 +246,7 @@ def test_cpu_share_splits_cores_only_when_each_worker_gets_one(monkeypatch):
 
 
 def test_cores_per_worker_pins_even_one_worker_and_refuses_too_many(monkeypatch):
-    from coordinator import local_cluster
+    from llmtp.coordinator import local_cluster
     monkeypatch.setattr(local_cluster, "usable_cpus", lambda: [0, 1, 2, 3])
     assert local_cluster.cpu_share(0, 1, cores_per_worker=1) == [0]
     assert [local_cluster.cpu_share(i, 2, cores_per_worker=2) for i in range(2)] == [[0, 1], [2, 3]]
@@ -256,7 +256,7 @@ def test_cores_per_worker_pins_even_one_worker_and_refuses_too_many(monkeypatch)
 
 
 def test_one_worker_given_one_core_runs_one_blas_thread_on_it(sharded_one_worker):
-    from coordinator.local_cluster import usable_cpus
+    from llmtp.coordinator.local_cluster import usable_cpus
     engine = open_local_engine(sharded_one_worker, 1, cores_per_worker=1)
     try:
         (process,) = engine.processes

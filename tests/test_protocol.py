@@ -4,8 +4,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from common import protocol
-from common.errors import ProtocolError
+from llmtp.common.wire import protocol
+from llmtp.common.errors import ProtocolError
 
 
 def frames_to_bytes(frames):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.sampler import Sampler, SamplerConfig, XorShiftRng
+from llmtp.common.model.sampler import Sampler, SamplerConfig, XorShiftRng
 
 ORACLE_SOURCE = Path(__file__).parent / "oracles" / "runc_sampler.c"
 

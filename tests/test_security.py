@@ -16,21 +16,21 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from cli_runner import run_llmtp
-from common import protocol
-from common.checkpoint import load_checkpoint
-from common.cluster_config import load_cluster_config
-from common.engine import LocalEngine
-from common.errors import ConfigError, WorkerError
-from common.sampler import Sampler, SamplerConfig
-from common.security import KeyPair, connect_curve, generate_keys, load_coordinator_keys, load_key_pair, \
-    load_public_key, load_worker_keys
-from common.shard_file import load_embedding, write_shards
+from llmtp.common.wire import protocol
+from llmtp.common.formats.checkpoint import load_checkpoint
+from llmtp.common.cluster.config import load_cluster_config
+from llmtp.coordinator.local_engine import LocalEngine
+from llmtp.common.errors import ConfigError, WorkerError
+from llmtp.common.model.sampler import Sampler, SamplerConfig
+from llmtp.common.cluster.keys import load_coordinator_keys, load_worker_keys
+from llmtp.common.wire.security import KeyPair, connect_curve, generate_keys, load_key_pair, load_public_key
+from llmtp.common.formats.shard_file import load_embedding, write_shards
 from config_cluster_tools import free_ports, keys_section, pick_model, start_config_workers, stop_workers, \
     write_config
-from coordinator.cluster_engine import ClusterEngine
-from coordinator.config_cluster import coordinator_manifest, open_config_engine, shard_for_config
-from coordinator.generate import generate
-from coordinator.local_cluster import start_workers, stop_processes
+from llmtp.coordinator.cluster_engine import ClusterEngine
+from llmtp.coordinator.config_cluster import coordinator_manifest, open_config_engine, shard_for_config
+from llmtp.coordinator.generate import generate
+from llmtp.coordinator.local_cluster import start_workers, stop_processes
 
 PROMPT = [1, 5, 9, 13]
 NO_REPLY_WAIT_MS = 1500

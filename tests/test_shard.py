@@ -16,17 +16,17 @@ import msgpack
 import numpy as np
 import pytest
 
-import common.shard_file as shard_file
-from common.checkpoint import load_checkpoint
-from common.errors import ConfigError, FormatError
-from common.manifest import load_manifest, verify_embedding, verify_shard
-from common.ops import rmsnorm
-from common.shard_file import load_embedding, load_shard, write_shards
-from common.slicing import named_matrices, slice_weights
-from common.split import full_slice, plan_split
-from common.transformer import SliceModel, StepSequence
-from common.weights import QuantizedMatrix
-from coordinator.shard import describe_manifest, run_shard
+import llmtp.common.formats.shard_file as shard_file
+from llmtp.common.formats.checkpoint import load_checkpoint
+from llmtp.common.errors import ConfigError, FormatError
+from llmtp.common.formats.manifest import load_manifest, verify_embedding, verify_shard
+from llmtp.common.model.ops import rmsnorm
+from llmtp.common.formats.shard_file import load_embedding, load_shard, write_shards
+from llmtp.common.model.slicing import named_matrices, slice_weights
+from llmtp.common.model.split import full_slice, plan_split
+from llmtp.common.model.transformer import SliceModel, StepSequence
+from llmtp.common.model.weights import QuantizedMatrix
+from llmtp.coordinator.shard import describe_manifest, run_shard
 from model_factory import make_config, write_random_checkpoint
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "shared" / "models"

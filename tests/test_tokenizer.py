@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import FormatError
-from common.tokenizer import load_tokenizer
+from llmtp.common.errors import FormatError
+from llmtp.common.formats.tokenizer import load_tokenizer
 
 MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
 TOKENIZERS = {"tok512": "stories260K/tok512", "llama2": "llama2-tokenizer/tokenizer"}

@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from common.engine import LocalEngine
-from common.errors import ProtocolError
-from common.transformer import StepSequence
+from llmtp.coordinator.local_engine import LocalEngine
+from llmtp.common.errors import ProtocolError
+from llmtp.common.model.transformer import StepSequence
 from model_factory import make_config, random_weights
 
 import pytest
@@ -44,7 +44,7 @@ def test_out_of_range_steps_are_refused(sequences, rows, complaint):
 
 
 def test_stacked_view_only_over_back_to_back_matrices():
-    from common.weights import stacked_view
+    from llmtp.common.model.weights import stacked_view
     block = np.arange(5 * 4, dtype=np.float32).reshape(5, 4)
     top, bottom = block[:2], block[2:]
     np.testing.assert_array_equal(stacked_view([top, bottom]), block)
@@ -54,9 +54,9 @@ def test_stacked_view_only_over_back_to_back_matrices():
 
 
 def test_a_loaded_shard_multiplies_qkv_and_w13_as_stacked_matrices(tmp_path):
-    from common.checkpoint import load_checkpoint
-    from common.shard_file import load_shard, write_shards
-    from common.transformer import SliceModel
+    from llmtp.common.formats.checkpoint import load_checkpoint
+    from llmtp.common.formats.shard_file import load_shard, write_shards
+    from llmtp.common.model.transformer import SliceModel
     from model_factory import write_random_checkpoint
     config = make_config(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, seq_len=16)
     checkpoint = load_checkpoint(write_random_checkpoint(tmp_path / "m.bin", config, seed=9))

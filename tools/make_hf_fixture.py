@@ -48,10 +48,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from common.checkpoint import load_checkpoint  # noqa: E402
-from common.config import ModelConfig  # noqa: E402
-from common.weights import ModelWeights  # noqa: E402
-from coordinator.hf_bridge import build_hf_model, hf_logits  # noqa: E402
+from llmtp.common.formats.checkpoint import load_checkpoint  # noqa: E402
+from llmtp.common.model.config import ModelConfig  # noqa: E402
+from llmtp.common.model.weights import ModelWeights  # noqa: E402
+from llmtp.coordinator.hf_bridge import build_hf_model, hf_logits  # noqa: E402
 from model_factory import make_config, random_weights, write_random_checkpoint  # noqa: E402
 
 MODELS = REPO.parent / "shared" / "models"

@@ -371,9 +371,9 @@ def plot_losses(log_path: Path, png: Path) -> None:
 
 def export_checkpoint(model: Transformer, path: Path) -> None:
     sys.path.insert(0, str(REPO))
-    from common.checkpoint import load_checkpoint, write_checkpoint
-    from common.config import ModelConfig
-    from common.weights import LayerWeights, ModelWeights
+    from llmtp.common.formats.checkpoint import load_checkpoint, write_checkpoint
+    from llmtp.common.model.config import ModelConfig
+    from llmtp.common.model.weights import LayerWeights, ModelWeights
 
     a = model.args
     config = ModelConfig(dim=a.dim, hidden_dim=a.hidden_dim, n_layers=a.n_layers, n_heads=a.n_heads,
@@ -422,7 +422,7 @@ def generate(model, sp, prompt: str, n: int, temperature: float, top_p: float, s
 
 def llmtp_generate(out: Path, prompt: str, steps: int) -> str | None:
     """Greedy text from this repo's own runtime (`llmtp generate -t 0`), or None if it fails."""
-    code = "import sys; from coordinator.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from llmtp.coordinator.cli import main; sys.exit(main(sys.argv[1:]))"
     cmd = [sys.executable, "-c", code, "generate", str(out / "model.bin"), "-z", str(out / "tokenizer.bin"),
            "-t", "0", "-n", str(steps), "-i", prompt]
     try:

@@ -1,4 +1,4 @@
-"""`llmtp worker` / `python -m worker`: serve one shard."""
+"""`llmtp worker` / `python -m llmtp.worker`: serve one shard."""
 
 import argparse
 import os
@@ -38,7 +38,7 @@ def cmd_worker(args) -> int:
 
 
 def pin_to_cpus(text: str) -> None:
-    from common.errors import ConfigError
+    from llmtp.common.errors import ConfigError
     try:
         cpus = {int(cpu) for cpu in text.split(",")}
         os.sched_setaffinity(0, cpus)
@@ -48,8 +48,8 @@ def pin_to_cpus(text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.errors import run_handler
-    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    from llmtp.common.errors import run_handler
+    parser = argparse.ArgumentParser(prog="python -m llmtp.worker", description=__doc__)
     add_arguments(parser)
     parser.set_defaults(handler=cmd_worker)
     return run_handler(parser.parse_args(argv))

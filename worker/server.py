@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import zmq
 
-from common import protocol, security
-from common.errors import FormatError, LlmtpError, ProtocolError
-from common.protocol import Message, field_of
-from common.shard_file import Shard
-from common.transformer import SliceModel, StepSequence, no_reduce
+from llmtp.common.wire import protocol, security
+from llmtp.common.errors import FormatError, LlmtpError, ProtocolError
+from llmtp.common.wire.protocol import Message, field_of
+from llmtp.common.formats.shard_file import Shard
+from llmtp.common.model.transformer import SliceModel, StepSequence, no_reduce
 
-from .peer_exchange import PeerExchange
+from llmtp.common.exchange.peers import PeerExchange
 
 POLL_TICK_MS = 500
 
@@ -188,7 +188,7 @@ class Worker:
             "peer_port": self.peers.port if self.peers else None, **self.stats()})
 
     def attach_shared_memory(self, message: Message) -> None:
-        from .shm_exchange import ShmExchange
+        from llmtp.common.exchange.shm import ShmExchange
         name, rows = field_of(message, "shm_name", str), field_of(message, "shm_rows", int)
         if self.shm:
             self.shm.close()
@@ -356,7 +356,7 @@ def die_with_parent() -> None:
 def verify_against_manifest(shard: Shard) -> None:
     """A shard beside a manifest.json must match its recorded size and sha256 (a corrupted or
     truncated copy fails here, with one line, instead of computing nonsense)."""
-    from common.manifest import MANIFEST_NAME, load_manifest, verify_shard
+    from llmtp.common.formats.manifest import MANIFEST_NAME, load_manifest, verify_shard
     manifest_path = shard.path.parent / MANIFEST_NAME
     if not manifest_path.exists():
         return
@@ -368,8 +368,8 @@ def verify_against_manifest(shard: Shard) -> None:
 
 
 def run_worker(shard_path: str, options: WorkerOptions) -> int:
-    from common.mapping import settle_on_huge_pages
-    from common.shard_file import load_shard
+    from llmtp.common.formats.mapping import settle_on_huge_pages
+    from llmtp.common.formats.shard_file import load_shard
     if options.parent_pid:
         die_with_parent()
         if os.getppid() != options.parent_pid:

@@ -6,9 +6,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.cluster_config import ClusterConfig, WorkerEntry, load_cluster_config
-from common.errors import ConfigError
-from common.security import WorkerKeys, load_worker_keys
+from llmtp.common.cluster.config import ClusterConfig, WorkerEntry, load_cluster_config
+from llmtp.common.errors import ConfigError
+from llmtp.common.cluster.keys import load_worker_keys
+from llmtp.common.wire.security import WorkerKeys
 
 DEFAULT_BIND = "tcp://127.0.0.1:*"
 DEFAULT_REDUCE_TIMEOUT = 60.0
@@ -29,7 +30,7 @@ class WorkerSettings:
         """The shard to serve. Imports numpy: call once the thread count is in the environment."""
         if self.shard_file is not None:
             return self.shard_file
-        from common.shard_file import shard_file_name
+        from llmtp.common.formats.shard_file import shard_file_name
         folder = self.config.host_folder(self.entry.host)
         path = folder / shard_file_name(self.entry.shard, self.config.n_workers)
         if not path.is_file():

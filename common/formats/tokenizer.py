@@ -20,7 +20,7 @@ import struct
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import FormatError
+from llmtp.common.errors import FormatError
 
 SPACE_SYMBOL = "\u2581"  # SentencePiece writes spaces in pieces as '▁'; llama2.c's .bin as ' '
 UNK_SURFACE = " \u2047 "  # what SentencePiece prints for <unk> by default

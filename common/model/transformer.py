@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .config import ModelConfig
-from .errors import ProtocolError
+from llmtp.common.errors import ProtocolError
 from .ops import apply_rope, attention, matmul, rmsnorm, rope_rotations, silu
 from .split import SliceSpec
 from .weights import LAYER_MATRICES, QuantizedMatrix, ShardWeights, stacked_view

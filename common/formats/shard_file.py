@@ -29,14 +29,14 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
-from .config import ModelConfig
-from .errors import FormatError
+from llmtp.common.model.config import ModelConfig
+from llmtp.common.errors import FormatError
 from .mapping import map_readonly
 from .manifest import (SHA256_PATTERN, FileEntry, Manifest, ShardEntry, config_from_dict, group_size_from, is_count,
                        load_manifest, manifest_dict, sha256_file, spec_from_dict, write_manifest)
-from .slicing import check_group_alignment, local_shape, named_matrices, slice_weights
-from .split import SliceSpec, plan_split
-from .weights import LAYER_FIELDS, LayerWeights, Matrix, QuantizedMatrix, ShardWeights
+from llmtp.common.model.slicing import check_group_alignment, local_shape, named_matrices, slice_weights
+from llmtp.common.model.split import SliceSpec, plan_split
+from llmtp.common.model.weights import LAYER_FIELDS, LayerWeights, Matrix, QuantizedMatrix, ShardWeights
 
 SHARD_MAGIC = b"LLMTPSHD"
 SHARD_FORMAT_VERSION = 1

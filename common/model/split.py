@@ -13,7 +13,7 @@ the worker loader and the tests all read it.
 from dataclasses import dataclass
 
 from .config import ModelConfig
-from .errors import ConfigError
+from llmtp.common.errors import ConfigError
 
 # name -> (axis cut, what the cut is measured in). Axis 0 = rows (outputs), 1 = columns (inputs).
 SPLIT_TABLE = {

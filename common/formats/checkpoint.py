@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelConfig
-from .errors import ConfigError, FormatError
+from llmtp.common.model.config import ModelConfig
+from llmtp.common.errors import ConfigError, FormatError
 from .mapping import map_readonly
-from .ops import rope_tables
-from .quantize import (as_float32, check_group_size, default_group_size, group_size_problem,
+from llmtp.common.model.ops import rope_tables
+from llmtp.common.model.quantize import (as_float32, check_group_size, default_group_size, group_size_problem,
                        quantize_q80, valid_group_sizes)
-from .weights import LAYER_FIELDS, LayerWeights, ModelWeights, QuantizedMatrix
+from llmtp.common.model.weights import LAYER_FIELDS, LayerWeights, ModelWeights, QuantizedMatrix
 
 __all__ = ["Checkpoint", "TensorSpec", "load_checkpoint", "write_checkpoint", "convert_checkpoint",
            "describe_checkpoint", "tensor_layout", "checkpoint_size",

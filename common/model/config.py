@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from .errors import FormatError
+from llmtp.common.errors import FormatError
 
 NORM_EPS = 1e-5
 ROPE_THETA = 10000.0

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import ConfigError
+from llmtp.common.errors import ConfigError
 
 REDUCE_MODES = ("peers", "star")  # as common.protocol.REDUCE_MODES, without importing numpy
 HOST_PATTERN = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")

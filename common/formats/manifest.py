@@ -15,9 +15,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ModelConfig
-from .errors import ConfigError, FormatError
-from .split import SliceSpec
+from llmtp.common.model.config import ModelConfig
+from llmtp.common.errors import ConfigError, FormatError
+from llmtp.common.model.split import SliceSpec
 
 MANIFEST_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"

@@ -5,11 +5,11 @@ from typing import Sequence
 
 import numpy as np
 
-from .config import ModelConfig
-from .mapping import settle_on_huge_pages
-from .split import full_slice
-from .transformer import SliceModel, StepSequence
-from .weights import ModelWeights
+from llmtp.common.model.config import ModelConfig
+from llmtp.common.formats.mapping import settle_on_huge_pages
+from llmtp.common.model.split import full_slice
+from llmtp.common.model.transformer import SliceModel, StepSequence
+from llmtp.common.model.weights import ModelWeights
 
 
 class LocalEngine:

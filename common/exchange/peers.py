@@ -11,8 +11,8 @@ import time
 import numpy as np
 import zmq
 
-from common import protocol, security
-from common.errors import ProtocolError
+from llmtp.common.wire import protocol, security
+from llmtp.common.errors import ProtocolError
 
 
 class PeerExchange:

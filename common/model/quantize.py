@@ -10,7 +10,7 @@ from math import gcd
 import numpy as np
 
 from .config import ModelConfig
-from .errors import ConfigError
+from llmtp.common.errors import ConfigError
 from .weights import QuantizedMatrix
 
 Q_MAX = 127.0

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import msgpack
 import numpy as np
 
-from .errors import ProtocolError
+from llmtp.common.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
 

@@ -27,8 +27,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from .cluster_config import ClusterConfig
-from .errors import ConfigError
+from llmtp.common.errors import ConfigError
 
 KEY_NAMES = ("coordinator", "worker")
 CONTROL_DOMAIN = "llmtp-control"  # ZAP domain of a worker's control socket
@@ -127,24 +126,6 @@ def _read_certificate(path: Path, where: str) -> tuple[bytes, bytes | None]:
         if key is not None and len(key) != Z85_KEY_LENGTH:
             raise ConfigError(f"{where}: {path} holds a key of {len(key)} characters, expected {Z85_KEY_LENGTH} (Z85)")
     return public, secret
-
-
-def load_worker_keys(config: ClusterConfig) -> WorkerKeys | None:
-    """What a worker host needs: the worker pair and the coordinator's public key (None without keys)."""
-    if config.keys is None:
-        return None
-    return WorkerKeys(worker=load_key_pair(config.keys.worker_secret, f"{config.path}: keys.worker_secret"),
-                      coordinator_public=load_public_key(config.keys.coordinator_public,
-                                                         f"{config.path}: keys.coordinator_public"))
-
-
-def load_coordinator_keys(config: ClusterConfig) -> CoordinatorKeys | None:
-    """What the coordinator's host needs: its pair and the workers' public key (None without keys)."""
-    if config.keys is None:
-        return None
-    return CoordinatorKeys(
-        coordinator=load_key_pair(config.keys.coordinator_secret, f"{config.path}: keys.coordinator_secret"),
-        worker_public=load_public_key(config.keys.worker_public, f"{config.path}: keys.worker_public"))
 
 
 # --- sockets ------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Iterator
 import numpy as np
 
 from .config import ModelConfig
-from .errors import ConfigError
+from llmtp.common.errors import ConfigError
 from .split import SPLIT_TABLE, SliceSpec
 from .weights import LAYER_FIELDS, LayerWeights, Matrix, ModelWeights, QuantizedMatrix, ShardWeights
 
