@@ -33,6 +33,15 @@ def no_reduce(partial: np.ndarray) -> np.ndarray:
     return partial
 
 
+# Each layer ends its attention (after wo) and its FFN (after w2) in a sum over workers.
+SYNCS_PER_LAYER = 2
+
+
+def syncs_per_step(n_layers: int) -> int:
+    """How many all-reduces one step of `n_layers` layers makes (SliceModel.forward's count)."""
+    return SYNCS_PER_LAYER * n_layers
+
+
 class KVCache:
     """Keys and values of this worker's kv heads: (n_layers, n_slots, n_kv_heads_local, seq_len, head_dim).
 
