@@ -25,6 +25,8 @@ from llmtp.common.wire.protocol import Message
 from llmtp.common.model.transformer import StepSequence
 from llmtp.common.model.weights import Matrix, embed_tokens
 
+from .engine import Engine, StepTiming, WorkerStats
+
 HEARTBEAT_INTERVAL_MS = 1000
 SHM_CAPACITY_ROWS = 512  # rows per worker slot in a shared-memory segment; longer steps use peers
 
@@ -53,7 +55,7 @@ class WorkerLink:
         return f"worker {self.index} ({self.endpoint})"
 
 
-class ClusterEngine:
+class ClusterEngine(Engine):
     def __init__(self, config: ModelConfig, embedding: Matrix, endpoints: Sequence[str], model_sha256: str,
                  n_slots: int = 1, timeout: float = 30.0, processes: Sequence | None = None,
                  reduce: str = "peers", liveness: float = 5.0, keys: security.CoordinatorKeys | None = None):
@@ -272,6 +274,14 @@ class ClusterEngine:
             protocol.send(link.socket, protocol.PING)
         deadline = time.monotonic() + self.timeout
         return [self.receive(link, protocol.PONG, deadline, "ping").header for link in self.links]
+
+    def stats(self) -> list[WorkerStats]:
+        return [WorkerStats(pid=pong.get("pid", 0), rss_bytes=pong["rss_bytes"], peak_rss_bytes=pong["peak_rss_bytes"],
+                            shard_bytes=pong["shard_bytes"], kv_cache_bytes=pong["kv_cache_bytes"])
+                for pong in self.worker_stats()]
+
+    def timing(self) -> list[StepTiming]:
+        return [StepTiming(**entry) for entry in self.last_step_timing]
 
     def close(self, shutdown_workers: bool = False) -> None:
         """End the session (BYE), or stop the workers too (SHUTDOWN). Never blocks."""

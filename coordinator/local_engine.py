@@ -11,14 +11,17 @@ from llmtp.common.model.split import full_slice
 from llmtp.common.model.transformer import SliceModel, StepSequence
 from llmtp.common.model.weights import ModelWeights
 
+from .engine import Engine
 
-class LocalEngine:
+
+class LocalEngine(Engine):
     """Runs steps in this process. The cluster engine (coordinator/) has the same
     `step` signature, so the generation loop cannot tell them apart."""
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, n_slots: int = 1):
         self.config = config
         self.weights = weights
+        self.n_slots = n_slots
         self.model = SliceModel(config, full_slice(config), weights.as_shard(), n_slots)
 
     @classmethod

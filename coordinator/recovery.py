@@ -16,9 +16,10 @@ import numpy as np
 from llmtp.common.model.transformer import StepSequence
 
 from .cluster_engine import WorkerLost
+from .engine import Engine
 
 
-class RecoveringEngine:
+class RecoveringEngine(Engine):
     def __init__(self, engine, wait_seconds: float = 30.0, max_recoveries: int = 3, log=sys.stderr):
         self.engine = engine
         self.wait_seconds = wait_seconds
@@ -30,6 +31,10 @@ class RecoveringEngine:
     @property
     def config(self):
         return self.engine.config
+
+    @property
+    def n_slots(self) -> int:
+        return self.engine.n_slots
 
     def step(self, tokens: np.ndarray, sequences: Sequence[StepSequence], all_logits: bool = False) -> np.ndarray:
         tokens = np.asarray(tokens)
@@ -88,6 +93,12 @@ class RecoveringEngine:
 
     def worker_stats(self):
         return self.engine.worker_stats()
+
+    def stats(self):
+        return self.engine.stats()
+
+    def timing(self):
+        return self.engine.timing()
 
     def close(self) -> None:
         self.engine.close()
