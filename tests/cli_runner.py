@@ -11,7 +11,8 @@ def llmtp_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "llmtp.coordinator.cli"]
 
 
-def run_llmtp(*args, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+def run_llmtp(*args, timeout: float = 120, text: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """text=False: stdout and stderr as bytes (to compare output byte for byte)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run(llmtp_command() + [str(a) for a in args], capture_output=True, text=True,
+    return subprocess.run(llmtp_command() + [str(a) for a in args], capture_output=True, text=text,
                           timeout=timeout, env=env, **kwargs)

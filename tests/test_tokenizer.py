@@ -389,3 +389,12 @@ def test_missing_file(tmp_path):
     with pytest.raises(FormatError) as error:
         load_tokenizer(path)
     assert_one_line_naming(error, path)
+
+
+@pytest.mark.parametrize("extension", ["bin", "model"])
+def test_another_models_longer_tokenizer_is_refused_unless_allowed(extension):
+    path = model_path("llama2", extension)  # 32,000 pieces, for a 512-token model
+    with pytest.raises(FormatError) as error:
+        load_tokenizer(path, vocab_size=512, allow_longer=False)
+    assert_one_line_naming(error, path, "512", "another model's tokenizer", "--any-tokenizer")
+    assert load_tokenizer(path, vocab_size=512, allow_longer=True).vocab_size == 512

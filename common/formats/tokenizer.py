@@ -11,6 +11,11 @@ SentencePiece that run.c leaves out, so that the ids equal `SentencePieceProcess
   - a literal U+2581 ('▁') in the text is the same symbol as a space.
 Decoding follows run.c (the piece after BOS loses its leading space, byte pieces become raw
 bytes) but assembles bytes into UTF-8, with one U+FFFD per invalid byte like SentencePiece.
+
+A tokenizer.bin is read as run.c reads it: a codepoint without a piece becomes token
+`byte + 3` for each of its UTF-8 bytes whatever pieces sit there (character-level vocabularies
+have no <0xXX> pieces at all), and <unk> prints as its text. A .model keeps SentencePiece's
+byte pieces and its " \u2047 " for <unk>.
 """
 
 import codecs
@@ -27,6 +32,7 @@ UNK_SURFACE = " \u2047 "  # what SentencePiece prints for <unk> by default
 BOS_PIECE_IN_BIN, EOS_PIECE_IN_BIN = "\n<s>\n", "\n</s>\n"  # how llama2.c's export spells them
 
 NORMAL, CONTROL, UNKNOWN, BYTE = "normal", "control", "unknown", "byte"
+RUN_C_BYTE_OFFSET = 3  # run.c's byte fallback: byte b is token b + 3 (after <unk>, BOS, EOS)
 _BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")
 
 
@@ -102,7 +108,8 @@ class Tokenizer:
     unk_id = 0
 
     def __init__(self, pieces: list[str], scores: list[float], kinds: list[str], source: str,
-                 add_dummy_prefix: bool = True, remove_extra_whitespaces: bool = False):
+                 add_dummy_prefix: bool = True, remove_extra_whitespaces: bool = False, run_c_bytes: bool = False):
+        """run_c_bytes: byte fallback and <unk> as run.c has them for a tokenizer.bin (see the module doc)."""
         assert len(pieces) == len(scores) == len(kinds)
         self.pieces = tuple(pieces)
         self.scores = tuple(scores)
@@ -110,8 +117,8 @@ class Tokenizer:
         self.add_dummy_prefix = add_dummy_prefix
         self.remove_extra_whitespaces = remove_extra_whitespaces
         self._merges = _mergeable_pieces(pieces, scores, kinds)
-        self._byte_ids = _byte_piece_ids(pieces, kinds, source)
-        self._surfaces = tuple(_surface_bytes(piece, kind) for piece, kind in zip(pieces, kinds))
+        self._byte_ids = _run_c_byte_ids(len(pieces), source) if run_c_bytes else _byte_piece_ids(pieces, kinds, source)
+        self._surfaces = tuple(_surface_bytes(piece, kind, run_c_bytes) for piece, kind in zip(pieces, kinds))
         # run.c: the dummy-prefix space of the first word is not printed (byte pieces keep theirs)
         self._surfaces_after_bos = tuple(
             surface[1:] if kind != BYTE and surface.startswith(b" ") else surface
@@ -190,22 +197,32 @@ def _byte_piece_ids(pieces, kinds, source: str) -> tuple[int, ...]:
     return tuple(ids_by_value[value] for value in range(256))
 
 
-def _surface_bytes(piece: str, kind: str) -> bytes:
+def _run_c_byte_ids(n_pieces: int, source: str) -> tuple[int, ...]:
+    if n_pieces < RUN_C_BYTE_OFFSET + 256:
+        raise FormatError(f"tokenizer {source} has {n_pieces} tokens, too few for byte fallback: a byte b is "
+                          f"token b + {RUN_C_BYTE_OFFSET} (<0x00> is token {RUN_C_BYTE_OFFSET}, <0xFF> token "
+                          f"{RUN_C_BYTE_OFFSET + 255}), as in run.c")
+    return tuple(range(RUN_C_BYTE_OFFSET, RUN_C_BYTE_OFFSET + 256))
+
+
+def _surface_bytes(piece: str, kind: str, run_c: bool = False) -> bytes:
     if kind == BYTE:
         return bytes([int(_BYTE_PIECE.fullmatch(piece).group(1), 16)])
     if kind == CONTROL:
         return b""
     if kind == UNKNOWN:
-        return UNK_SURFACE.encode("utf-8")
+        return piece.encode("utf-8") if run_c else UNK_SURFACE.encode("utf-8")
     return piece.encode("utf-8")
 
 
 def load_tokenizer(path, vocab_size: int | None = None, *,
-                   remove_extra_whitespaces: bool | None = None) -> Tokenizer:
+                   remove_extra_whitespaces: bool | None = None, allow_longer: bool = True) -> Tokenizer:
     """Read llama2.c's tokenizer.bin or a SentencePiece .model (by extension or content).
 
-    vocab_size: how many tokens the model has; a file with more is cut there, one with fewer
-    is an error. None reads the whole file.
+    vocab_size: how many tokens the model has; a file with more is cut there (as run.c reads
+    only the first vocab_size entries), unless allow_longer is False: then a longer file is
+    refused as probably another model's tokenizer; one with fewer is an error. None reads
+    the whole file.
     remove_extra_whitespaces: the normalizer setting, which a .model file states and a
     tokenizer.bin does not. None guesses it for a .bin: a model trained on text whose runs of
     spaces were collapsed has no piece with two spaces in a row (llama2.c's tok512 has none,
@@ -218,17 +235,22 @@ def load_tokenizer(path, vocab_size: int | None = None, *,
     except OSError as error:
         raise FormatError(f"cannot read tokenizer {path}: {error.strerror}") from None
     if path.suffix == ".model" or head[:1] == head[2:3] == b"\x0a":  # protobuf: field 1, field 1
-        return _load_sentencepiece(path, vocab_size)
-    pieces, scores = _read_bin(path, vocab_size)
+        return _load_sentencepiece(path, vocab_size, allow_longer)
+    pieces, scores = _read_bin(path, vocab_size, allow_longer)
     kinds = _bin_piece_kinds(pieces)
     if remove_extra_whitespaces is None:
         remove_extra_whitespaces = not any("  " in piece for piece, kind in zip(pieces, kinds)
                                            if kind == NORMAL)
     return Tokenizer(pieces, scores, kinds, str(path), add_dummy_prefix=True,
-                     remove_extra_whitespaces=remove_extra_whitespaces)
+                     remove_extra_whitespaces=remove_extra_whitespaces, run_c_bytes=True)
 
 
-def _read_bin(path: Path, vocab_size: int | None) -> tuple[list[str], list[float]]:
+def _longer_than_the_model(path: Path, holds: str, vocab_size: int) -> FormatError:
+    return FormatError(f"tokenizer {path} holds {holds} than the model's {vocab_size}: it is probably another "
+                       f"model's tokenizer (run.c would read the first {vocab_size}; --any-tokenizer does the same)")
+
+
+def _read_bin(path: Path, vocab_size: int | None, allow_longer: bool = True) -> tuple[list[str], list[float]]:
     """tokenizer.bin: uint32 max_token_length, then per token float32 score, int32 length, bytes.
 
     The file does not say how many tokens it holds: read `vocab_size`, or to the end if None.
@@ -247,6 +269,8 @@ def _read_bin(path: Path, vocab_size: int | None) -> tuple[list[str], list[float
         piece, score, offset = _read_bin_token(data, offset, len(pieces), max_token_length, path)
         pieces.append(piece)
         scores.append(score)
+    if not allow_longer and offset < len(data):
+        raise _longer_than_the_model(path, "more tokens", vocab_size)
     return pieces, scores
 
 
@@ -288,7 +312,7 @@ def _bin_piece_kinds(pieces: list[str]) -> list[str]:
     return kinds
 
 
-def _load_sentencepiece(path: Path, vocab_size: int | None) -> Tokenizer:
+def _load_sentencepiece(path: Path, vocab_size: int | None, allow_longer: bool = True) -> Tokenizer:
     import sentencepiece  # only needed for .model files
 
     try:
@@ -300,6 +324,8 @@ def _load_sentencepiece(path: Path, vocab_size: int | None) -> Tokenizer:
     if vocab_size is not None and n_pieces < vocab_size:
         raise FormatError(f"tokenizer {path} has {n_pieces} tokens "
                           f"but the model's vocabulary needs {vocab_size}")
+    if vocab_size is not None and n_pieces > vocab_size and not allow_longer:
+        raise _longer_than_the_model(path, f"{n_pieces} tokens, more", vocab_size)
     if (processor.unk_id(), processor.bos_id(), processor.eos_id()) != (0, 1, 2):
         raise FormatError(f"tokenizer {path}: expected <unk>, BOS, EOS at ids 0, 1, 2, got "
                           f"{processor.unk_id()}, {processor.bos_id()}, {processor.eos_id()}")
