@@ -39,3 +39,13 @@ def no_orphan_workers():
         os.kill(pid, signal.SIGKILL)
     wait_until_gone(leftovers, timeout=5)
     assert not leftovers, f"worker processes outlived the tests: {leftovers}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Skips grouped by reason (pyproject's -rfE leaves out pytest's line per skipped test)."""
+    from skip_summary import skip_summary_lines
+    lines = skip_summary_lines(terminalreporter.stats.get("skipped", []))
+    if lines:
+        terminalreporter.section("skipped tests, by reason", sep="-")
+        for line in lines:
+            terminalreporter.write_line(line)
