@@ -133,13 +133,24 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+# A cluster config is a few kilobytes, a few levels deep, and has no use for anchors: anything
+# beyond these is refused before it is built (a 701-byte alias bomb grows past 900 MB otherwise).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 16
+
+
 def load_cluster_config(path: str | Path) -> ClusterConfig:
     """Read and check a cluster YAML file; ConfigError (one line) on anything wrong."""
     path = Path(path)
     try:
-        text = path.read_text()
+        with open(path, "rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)
     except OSError as error:
         raise ConfigError(f"{path}: cannot read cluster config: {error.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: cluster config is larger than {MAX_CONFIG_BYTES // 1024} KiB")
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: cluster config is not UTF-8 text") from None
     try:
@@ -150,7 +161,24 @@ def load_cluster_config(path: str | Path) -> ClusterConfig:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load's loader, except a key given twice in one mapping is an error, not a silent override."""
+    """safe_load's loader, except a key given twice in one mapping is an error, not a silent override,
+    and aliases and nesting deeper than MAX_CONFIG_DEPTH are refused while composing, before any
+    object is built."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a cluster config",
+                                              self.peek_event().start_mark)
+        if self.depth >= MAX_CONFIG_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_CONFIG_DEPTH} levels",
+                                              self.peek_event().start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
     def construct_mapping(self, node, deep=False):
         seen = set()
