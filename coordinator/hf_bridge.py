@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llmtp.common.model.config import NORM_EPS, ROPE_THETA, ModelConfig
+from llmtp.common.model.config import ModelConfig
 from llmtp.common.model.quantize import as_float32
 from llmtp.common.model.weights import ModelWeights
 
@@ -24,7 +24,7 @@ def hf_config(config: ModelConfig, attention: str = "eager") -> LlamaConfig:
                      intermediate_size=config.hidden_dim, num_hidden_layers=config.n_layers,
                      num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads,
                      head_dim=config.head_dim, max_position_embeddings=config.seq_len,
-                     rms_norm_eps=NORM_EPS, rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
+                     rms_norm_eps=config.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
                      hidden_act="silu", attention_bias=False, mlp_bias=False,
                      tie_word_embeddings=config.shared_classifier, bos_token_id=1, eos_token_id=2)
     hf._attn_implementation = attention

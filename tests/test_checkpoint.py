@@ -311,3 +311,21 @@ def test_describe_checkpoint(tmp_path):
     assert "(67, 48)" in rows["classifier"]
     assert "(16, 48)" in rows["layers.{0..1}.wk"] and "(100, 48)" in rows["layers.{0..1}.w1"]
     assert "(48,)" in rows["final_norm"] and "float32" in rows["final_norm"]
+
+
+def test_llama2c_files_refuse_a_rope_theta_or_eps_they_cannot_store(tmp_path):
+    from dataclasses import replace
+    base = make_config()
+    for field, value in (("rope_theta", 500000.0), ("norm_eps", 1e-6)):
+        config = replace(base, **{field: value})
+        with pytest.raises(FormatError) as error:
+            write_checkpoint(tmp_path / "out.bin", config, random_weights(config, seed=1), version=1)
+        assert field in str(error.value) and "\n" not in str(error.value)
+        assert not (tmp_path / "out.bin").exists()
+
+
+@pytest.mark.parametrize("field, value", [("rope_theta", 0.0), ("norm_eps", float("nan")), ("rope_theta", 10000)])
+def test_config_rope_theta_and_eps_must_be_positive_floats(field, value):
+    from dataclasses import replace
+    with pytest.raises(FormatError, match=field):
+        replace(make_config(), **{field: value}).validate("test")

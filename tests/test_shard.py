@@ -149,7 +149,7 @@ def lockstep_logits(models, x, sequences):
     for layer in range(models[0].config.n_layers):
         x = x + sum(model.attention_partial(layer, x, sequences, positions) for model in models)
         x = x + sum(model.ffn_partial(layer, x) for model in models)
-    h = rmsnorm(x[-1:], models[0].weights.final_norm)
+    h = rmsnorm(x[-1:], models[0].weights.final_norm, models[0].config.norm_eps)
     return np.concatenate([model.matmul(h, model.weights.classifier) for model in models], axis=1)
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmtp.common.model.config import ModelConfig
+from llmtp.common.model.config import LLAMA2C_NORM_EPS, LLAMA2C_ROPE_THETA, ModelConfig
 from llmtp.common.errors import ConfigError, FormatError
 from .mapping import map_readonly
 from llmtp.common.model.ops import rope_tables
@@ -224,11 +224,15 @@ def write_checkpoint(path: str | os.PathLike, config: ModelConfig, weights: Mode
     The file appears under `path` only once complete, so converting a file onto itself is safe.
     """
     path = Path(path)
+    for name, fixed in (("rope_theta", LLAMA2C_ROPE_THETA), ("norm_eps", LLAMA2C_NORM_EPS)):
+        if getattr(config, name) != fixed:  # run.c hard-codes them: the file has no field for them
+            raise FormatError(f"{path}: a llama2.c file cannot hold {name} {getattr(config, name)!r} "
+                              f"(run.c fixes it at {fixed!r})")
     group_size = _output_group_size(config, weights, version, group_size)
     if config.shared_classifier and weights.classifier is not weights.token_embedding:
         raise ValueError("config says shared_classifier but weights.classifier is not token_embedding")
     # version 0 stores the RoPE tables llama2.c's model.py computes; ours are the same numbers
-    rope = (dict(zip(("rope_cos", "rope_sin"), rope_tables(config.seq_len, config.head_dim)))
+    rope = (dict(zip(("rope_cos", "rope_sin"), rope_tables(config.seq_len, config.head_dim, config.rope_theta)))
             if version == 0 else {})
     partial = path.with_name(path.name + ".partial")
     try:

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmtp.common.model.config import ModelConfig
+from llmtp.common.model.config import LLAMA2C_NORM_EPS, LLAMA2C_ROPE_THETA, ModelConfig
 from llmtp.common.errors import ConfigError, FormatError
 from llmtp.common.model.split import SliceSpec
 
@@ -24,6 +24,9 @@ MANIFEST_NAME = "manifest.json"
 HASH_CHUNK = 1 << 20
 
 CONFIG_FIELDS = tuple(field.name for field in dataclasses.fields(ModelConfig))
+# Exact types: msgpack/JSON give int, float and bool apart, and True must not pass as 1.
+CONFIG_FIELD_TYPES = {field.name: {"int": int, "bool": bool, "float": float}[field.type if isinstance(field.type, str) else field.type.__name__]
+                      for field in dataclasses.fields(ModelConfig)}
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -175,13 +178,15 @@ def is_count(value) -> bool:
 def config_from_dict(data, where: str) -> ModelConfig:
     if not isinstance(data, dict):
         raise FormatError(f"{where}: config is not a map")
+    # Shards written before rope_theta and norm_eps were fields came from llama2.c files only.
+    data = {"rope_theta": LLAMA2C_ROPE_THETA, "norm_eps": LLAMA2C_NORM_EPS, **data}
     unknown, missing = set(data) - set(CONFIG_FIELDS), set(CONFIG_FIELDS) - set(data)
     if unknown or missing:
         raise FormatError(f"{where}: config fields unknown {sorted(unknown)}, missing {sorted(missing)}")
     for name in CONFIG_FIELDS:
-        wanted = bool if name == "shared_classifier" else int
+        wanted = CONFIG_FIELD_TYPES[name]
         value = data[name]
-        if not isinstance(value, wanted) or (wanted is int and isinstance(value, bool)):
+        if type(value) is not wanted:
             raise FormatError(f"{where}: config.{name} is {value!r}, expected {wanted.__name__}")
     config = ModelConfig(**data)
     config.validate(where)

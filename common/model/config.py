@@ -4,8 +4,10 @@ from dataclasses import dataclass
 
 from llmtp.common.errors import FormatError
 
-NORM_EPS = 1e-5
-ROPE_THETA = 10000.0
+# What llama2.c's run.c hard-codes; every llama2.c file gets these. GGUF and Hugging Face
+# models carry their own.
+LLAMA2C_NORM_EPS = 1e-5
+LLAMA2C_ROPE_THETA = 10000.0
 
 
 @dataclass(frozen=True)
@@ -18,6 +20,8 @@ class ModelConfig:
     vocab_size: int
     seq_len: int
     shared_classifier: bool = True
+    rope_theta: float = LLAMA2C_ROPE_THETA
+    norm_eps: float = LLAMA2C_NORM_EPS
 
     @property
     def head_dim(self) -> int:
@@ -43,6 +47,10 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads:
             raise FormatError(
                 f"{source}: n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if not (isinstance(value, float) and 0.0 < value < float("inf")):
+                raise FormatError(f"{source}: {name} must be a positive finite number, got {value!r}")
         if self.head_dim % 2:
             raise FormatError(f"{source}: head_dim {self.head_dim} must be even for RoPE")
 

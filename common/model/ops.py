@@ -6,14 +6,13 @@ use T for tokens in the step, H for heads, D for head_dim.
 
 import numpy as np
 
-from .config import NORM_EPS, ROPE_THETA
 from .weights import Matrix, QuantizedMatrix
 
 
-def rmsnorm(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x: (T, dim) -> weight * x / sqrt(mean(x^2) + eps), row by row."""
     mean_square = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)
-    return weight * (x * (1.0 / np.sqrt(mean_square + np.float32(NORM_EPS))))
+    return weight * (x * (1.0 / np.sqrt(mean_square + np.float32(eps))))
 
 
 def matmul(x: np.ndarray, weight: Matrix, scratch: np.ndarray | None = None) -> np.ndarray:
@@ -24,22 +23,22 @@ def matmul(x: np.ndarray, weight: Matrix, scratch: np.ndarray | None = None) -> 
     return x @ weight.T
 
 
-def rope_tables(seq_len: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin of position * theta^(-2i/head_dim), each (seq_len, head_dim // 2).
 
     Frequencies and angles are float32 as in run.c; only cos/sin go through float64
     so they round once, like cosf/sinf.
     """
     pair = np.arange(0, head_dim, 2, dtype=np.float32)
-    freq = (np.float32(1.0) / np.power(np.float32(ROPE_THETA), pair / np.float32(head_dim))).astype(np.float32)
+    freq = (np.float32(1.0) / np.power(np.float32(theta), pair / np.float32(head_dim))).astype(np.float32)
     angle = np.arange(seq_len, dtype=np.float32)[:, None] * freq[None, :]
     angle64 = angle.astype(np.float64)
     return np.cos(angle64).astype(np.float32), np.sin(angle64).astype(np.float32)
 
 
-def rope_rotations(seq_len: int, head_dim: int) -> np.ndarray:
+def rope_rotations(seq_len: int, head_dim: int, theta: float) -> np.ndarray:
     """cos + i sin of rope_tables as complex64, (seq_len, head_dim // 2)."""
-    cos, sin = rope_tables(seq_len, head_dim)
+    cos, sin = rope_tables(seq_len, head_dim, theta)
     return (cos + 1j * sin).astype(np.complex64)
 
 

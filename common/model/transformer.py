@@ -67,7 +67,7 @@ class SliceModel:
         self.spec = spec
         self.weights = weights
         self.cache = KVCache(config.n_layers, n_slots, spec.n_kv_heads_local, config.seq_len, config.head_dim)
-        self.rope_rotations = rope_rotations(config.seq_len, config.head_dim)
+        self.rope_rotations = rope_rotations(config.seq_len, config.head_dim, config.rope_theta)
         self.kv_groups = spec.kv_groups(config)
         self.heads_per_kv_head = _uniform_group_size(self.kv_groups)
         self.dequant_scratch = _scratch_for_quantized(weights)
@@ -89,7 +89,7 @@ class SliceModel:
         if not all_logits:
             last_rows = np.cumsum([s.n_tokens for s in sequences]) - 1
             x = x[last_rows]
-        x = rmsnorm(x, self.weights.final_norm)
+        x = rmsnorm(x, self.weights.final_norm, self.config.norm_eps)
         return self.matmul(x, self.weights.classifier)
 
     def attention_partial(self, layer_index: int, x: np.ndarray, sequences: Sequence[StepSequence],
@@ -97,7 +97,7 @@ class SliceModel:
         """This worker's heads' contribution to the attention output, before the sum over workers."""
         layer = self.weights.layers[layer_index]
         n_tokens, head_dim = x.shape[0], self.config.head_dim
-        h = rmsnorm(x, layer.attn_norm)
+        h = rmsnorm(x, layer.attn_norm, self.config.norm_eps)
         wqkv = self.stacked_qkv[layer_index]
         if wqkv is not None:  # one product for q, k and v
             qkv = h @ wqkv.T
@@ -137,7 +137,7 @@ class SliceModel:
     def ffn_partial(self, layer_index: int, x: np.ndarray) -> np.ndarray:
         """SwiGLU over this worker's FFN units, before the sum over workers."""
         layer = self.weights.layers[layer_index]
-        h = rmsnorm(x, layer.ffn_norm)
+        h = rmsnorm(x, layer.ffn_norm, self.config.norm_eps)
         w13 = self.stacked_w13[layer_index]
         if w13 is not None:  # one product for both halves of SwiGLU
             both = h @ w13.T
