@@ -8,7 +8,8 @@ import pytest
 
 from cli_runner import run_llmtp
 from llmtp.common.cluster.config import load_cluster_config
-from llmtp.common.errors import ConfigError
+from llmtp.common.errors import ConfigError, FormatError
+from llmtp.common.formats.tokenizer import load_tokenizer
 
 ALIAS_BOMB = """model: m.bin
 a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
@@ -68,3 +69,19 @@ def test_alias_bomb_through_the_cli_is_one_line_and_stays_small(tmp_path):
     assert result.returncode == 2
     assert error_line.startswith("llmtp: error: ") and "aliases" in error_line
     assert int(peak_kib) < 200 * 1024  # the interpreter and numpy, nothing the bomb built
+
+
+@pytest.mark.parametrize("name", ["tokenizer.bin", "tokenizer.model"])
+def test_endless_tokenizer_file_is_refused_without_reading_it_all(name, tmp_path):
+    # /dev/zero never ends; both readers take their bytes from one bounded read.
+    link = tmp_path / name
+    link.symlink_to("/dev/zero")
+    with pytest.raises(FormatError) as error:
+        load_tokenizer(link, 512)
+    assert_one_line(error, str(link), "larger than")
+
+
+def test_dev_zero_as_tokenizer_through_the_cli():
+    result = run_llmtp("generate", "-z", "/dev/zero", "-n", "4", timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "/dev/zero" in result.stderr, result.stderr

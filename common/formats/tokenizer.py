@@ -25,6 +25,7 @@ import struct
 from collections.abc import Iterable
 from pathlib import Path
 
+from .bounded import MAX_TOKENIZER_BYTES, read_bounded
 from llmtp.common.errors import FormatError
 
 SPACE_SYMBOL = "\u2581"  # SentencePiece writes spaces in pieces as '▁'; llama2.c's .bin as ' '
@@ -229,14 +230,10 @@ def load_tokenizer(path, vocab_size: int | None = None, *,
     Llama 2 has many). Ignored for a .model.
     """
     path = Path(path)
-    try:
-        with path.open("rb") as file:
-            head = file.read(3)
-    except OSError as error:
-        raise FormatError(f"cannot read tokenizer {path}: {error.strerror}") from None
-    if path.suffix == ".model" or head[:1] == head[2:3] == b"\x0a":  # protobuf: field 1, field 1
-        return _load_sentencepiece(path, vocab_size, allow_longer)
-    pieces, scores = _read_bin(path, vocab_size, allow_longer)
+    data = read_bounded(path, MAX_TOKENIZER_BYTES, "tokenizer")
+    if path.suffix == ".model" or data[:1] == data[2:3] == b"\x0a":  # protobuf: field 1, field 1
+        return _load_sentencepiece(path, data, vocab_size, allow_longer)
+    pieces, scores = _read_bin(path, data, vocab_size, allow_longer)
     kinds = _bin_piece_kinds(pieces)
     if remove_extra_whitespaces is None:
         remove_extra_whitespaces = not any("  " in piece for piece, kind in zip(pieces, kinds)
@@ -250,12 +247,12 @@ def _longer_than_the_model(path: Path, holds: str, vocab_size: int) -> FormatErr
                        f"model's tokenizer (run.c would read the first {vocab_size}; --any-tokenizer does the same)")
 
 
-def _read_bin(path: Path, vocab_size: int | None, allow_longer: bool = True) -> tuple[list[str], list[float]]:
+def _read_bin(path: Path, data: bytes, vocab_size: int | None,
+              allow_longer: bool = True) -> tuple[list[str], list[float]]:
     """tokenizer.bin: uint32 max_token_length, then per token float32 score, int32 length, bytes.
 
     The file does not say how many tokens it holds: read `vocab_size`, or to the end if None.
     """
-    data = path.read_bytes()
     if len(data) < 4:
         raise FormatError(f"tokenizer {path} is {len(data)} bytes, shorter than its 4-byte header")
     (max_token_length,) = struct.unpack_from("<I", data, 0)
@@ -312,11 +309,11 @@ def _bin_piece_kinds(pieces: list[str]) -> list[str]:
     return kinds
 
 
-def _load_sentencepiece(path: Path, vocab_size: int | None, allow_longer: bool = True) -> Tokenizer:
+def _load_sentencepiece(path: Path, data: bytes, vocab_size: int | None, allow_longer: bool = True) -> Tokenizer:
     import sentencepiece  # only needed for .model files
 
     try:
-        processor = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        processor = sentencepiece.SentencePieceProcessor(model_proto=data)
     except (OSError, RuntimeError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise FormatError(f"tokenizer {path} is not a readable SentencePiece model: {reason}") from None
