@@ -28,8 +28,8 @@ from pathlib import Path
 import yaml
 
 from llmtp.common.errors import ConfigError
+from llmtp.common.exchange.modes import CONFIG_REDUCE_MODES, ReduceMode
 
-REDUCE_MODES = ("peers", "star")  # as common.protocol.REDUCE_MODES, without importing numpy
 HOST_PATTERN = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 HOST_ALLOWED = "an IPv4 address or a host name (letters, digits, '.', '-')"
 PORT_ALLOWED = "an integer 1..65535"
@@ -226,7 +226,8 @@ class _Reader:
         workers = top.take("workers", self.workers, "a list of worker mappings")
         timeouts = top.take("timeouts", self.timeouts, "a mapping with " + ", ".join(TIMEOUT_FIELDS),
                             default=Timeouts())
-        reduce = top.take("reduce", _choice(REDUCE_MODES), " or ".join(REDUCE_MODES), default="peers")
+        reduce = top.take("reduce", _choice(CONFIG_REDUCE_MODES), " or ".join(CONFIG_REDUCE_MODES),
+                          default=ReduceMode.PEERS.value)
         keys = top.take("keys", self.keys, "a mapping with " + ", ".join(KEY_FIELDS), default=None)
         top.done()
         config = ClusterConfig(path=self.path, model=model, tokenizer=tokenizer, shards=shards,
