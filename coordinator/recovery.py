@@ -1,14 +1,22 @@
 """Surviving the loss of a worker mid-generation.
 
-RecoveringEngine remembers every token fed to each KV-cache slot. When a step fails
-with WorkerLost it has the engine recover (a local cluster restarts the worker; a
-configured cluster waits for it to come back), rebuilds every slot's KV cache by one
-prefill over its tokens so far, and returns the logits the failed step would have
-given. The generation loop never notices, so the text is that of an uninterrupted run
-(up to float rounding: a batched prefill sums in another order than step-by-step decode).
+RecoveringEngine logs every step it runs (its tokens and its sequences). When a step fails
+with WorkerLost it has the engine recover (a local cluster restarts the worker; a configured
+cluster waits for it to come back), replays the logged steps that built the KV caches still in
+use, in the same order and the same shapes, and then runs the failed step. A matrix product
+row, an attention over a sequence and the all-reduce in worker order give the same bits for
+the same inputs in the same step shape, so the rebuilt caches and the logits are bit-identical
+to an uninterrupted run's: sampled text does not change either (a single batched prefill would
+sum in another order and flip a token near a sampling boundary).
+
+Losses are counted per worker over a sliding window: a worker that dies again and again is
+given up on, a long-running server that loses a worker once a day is not.
 """
 
 import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -18,14 +26,48 @@ from llmtp.common.model.transformer import StepSequence
 from .cluster_engine import WorkerLost
 from .engine import Engine
 
+MAX_LOSSES_PER_WORKER = 3  # within LOSS_WINDOW_S; the fourth is fatal
+LOSS_WINDOW_S = 600.0
+
+
+@dataclass
+class LoggedStep:
+    """One step as it ran; `live[i]` is False once sequence i's positions were cut from its slot."""
+
+    tokens: np.ndarray
+    sequences: tuple[StepSequence, ...]
+    live: list[bool] = field(default_factory=list)
+
+
+@dataclass
+class LossBudget:
+    """At most `max_losses` recoveries of one worker within `window_s` seconds."""
+
+    max_losses: int = MAX_LOSSES_PER_WORKER
+    window_s: float = LOSS_WINDOW_S
+    clock: object = time.monotonic
+    losses: dict[int, deque] = field(default_factory=dict)
+
+    def spend(self, worker: int) -> int | None:
+        """Record a loss of `worker`: how many it has had in the window, or None if over budget."""
+        now = self.clock()
+        recent = self.losses.setdefault(worker, deque())
+        while recent and now - recent[0] > self.window_s:
+            recent.popleft()
+        if len(recent) >= self.max_losses:
+            return None
+        recent.append(now)
+        return len(recent)
+
 
 class RecoveringEngine(Engine):
-    def __init__(self, engine, wait_seconds: float = 30.0, max_recoveries: int = 3, log=sys.stderr):
+    def __init__(self, engine, wait_seconds: float = 30.0, budget: LossBudget | None = None, log=sys.stderr):
         self.engine = engine
         self.wait_seconds = wait_seconds
-        self.max_recoveries = max_recoveries
+        self.budget = budget or LossBudget()
         self.log = log
-        self.history: dict[int, list[int]] = {}  # slot -> token ids at positions 0..
+        self.steps: list[LoggedStep] = []
+        self.lengths: dict[int, int] = {}  # slot -> positions cached
         self.recoveries = 0
 
     @property
@@ -38,6 +80,7 @@ class RecoveringEngine(Engine):
 
     def step(self, tokens: np.ndarray, sequences: Sequence[StepSequence], all_logits: bool = False) -> np.ndarray:
         tokens = np.asarray(tokens)
+        self.forget_overwritten(sequences)
         try:
             logits = self.engine.step(tokens, sequences, all_logits)
         except WorkerLost as lost:
@@ -47,51 +90,50 @@ class RecoveringEngine(Engine):
 
     def recover_and_replay(self, lost: WorkerLost, tokens, sequences, all_logits: bool) -> np.ndarray:
         while True:
-            if self.recoveries >= self.max_recoveries:
-                raise lost
+            count = self.budget.spend(lost.index)
+            if count is None:
+                raise WorkerLost(lost.index, f"{lost} (lost {self.budget.max_losses + 1} times within "
+                                             f"{self.budget.window_s:.0f} s: giving up on it)")
             self.recoveries += 1
-            print(f"llmtp: {lost}; recovering (attempt {self.recoveries} of {self.max_recoveries})",
-                  file=self.log, flush=True)
+            print(f"llmtp: {lost}; recovering (loss {count} of {self.budget.max_losses} allowed for this "
+                  f"worker in {self.budget.window_s:.0f} s)", file=self.log, flush=True)
             try:
                 self.engine.recover(self.wait_seconds, {lost.index})
-                return self.replay(tokens, sequences, all_logits)
+                self.replay()
+                return self.engine.step(tokens, sequences, all_logits)
             except WorkerLost as again:
                 lost = again
 
-    def replay(self, tokens, sequences: Sequence[StepSequence], all_logits: bool) -> np.ndarray:
-        """One step that refills every slot from position 0 and ends with the failed step's tokens."""
-        blocks, replay_sequences, wanted_rows = [], [], []
-        row, offset = 0, 0
-        for seq in sequences:
-            history = self.history.get(seq.slot, [])[: seq.start_position]
-            assert len(history) == seq.start_position, f"slot {seq.slot} has a gap before {seq.start_position}"
-            block = np.concatenate([np.asarray(history, dtype=tokens.dtype), tokens[offset: offset + seq.n_tokens]])
-            offset += seq.n_tokens
-            blocks.append(block)
-            replay_sequences.append(StepSequence(seq.slot, 0, len(block)))
-            first = row + len(block) - seq.n_tokens if all_logits else len(replay_sequences) - 1
-            wanted_rows.extend(range(first, row + len(block)) if all_logits else [first])
-            row += len(block)
-        stepping = {seq.slot for seq in sequences}
-        for slot, history in self.history.items():  # idle slots lost their caches too
-            if slot not in stepping and history:
-                blocks.append(np.asarray(history, dtype=tokens.dtype))
-                replay_sequences.append(StepSequence(slot, 0, len(history)))
-                row += len(history)
-        print(f"llmtp: rebuilding {row} cached positions", file=self.log, flush=True)
-        logits = self.engine.step(np.concatenate(blocks), replay_sequences, all_logits)
-        return logits[wanted_rows]
+    def replay(self) -> None:
+        """Run every logged step again, as it ran; their logits were already used."""
+        positions = sum(int(len(logged.tokens)) for logged in self.steps)
+        print(f"llmtp: rebuilding the caches: {len(self.steps)} steps, {positions} positions", file=self.log,
+              flush=True)
+        for logged in self.steps:
+            self.engine.step(logged.tokens, logged.sequences)
+
+    def forget_overwritten(self, sequences: Sequence[StepSequence]) -> None:
+        """A sequence that starts before its slot's end cuts positions off: a step that wrote only
+        cut positions no longer matters to any cache (a step that wrote some kept ones does)."""
+        cuts = {seq.slot: seq.start_position for seq in sequences
+                if seq.start_position < self.lengths.get(seq.slot, 0)}
+        if not cuts:
+            return
+        for logged in self.steps:
+            for i, seq in enumerate(logged.sequences):
+                if seq.slot in cuts and seq.start_position >= cuts[seq.slot]:
+                    logged.live[i] = False
+        # Kept whole while any part is live: the step's shape is part of its numbers.
+        self.steps = [logged for logged in self.steps if any(logged.live)]
 
     def remember(self, tokens, sequences: Sequence[StepSequence]) -> None:
-        offset = 0
         for seq in sequences:
-            history = self.history.setdefault(seq.slot, [])
-            assert seq.start_position <= len(history), f"slot {seq.slot} skips to {seq.start_position}"
-            del history[seq.start_position:]
-            history.extend(int(t) for t in tokens[offset: offset + seq.n_tokens])
-            offset += seq.n_tokens
+            assert seq.start_position <= self.lengths.get(seq.slot, 0), \
+                f"slot {seq.slot} skips to {seq.start_position}"
+            self.lengths[seq.slot] = seq.start_position + seq.n_tokens
+        self.steps.append(LoggedStep(np.array(tokens, copy=True), tuple(sequences), [True] * len(sequences)))
 
-    def worker_stats(self):
+    def worker_stats(self):  # bench.py's until it reads stats()
         return self.engine.worker_stats()
 
     def stats(self):
