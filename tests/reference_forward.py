@@ -16,8 +16,8 @@ import math
 
 import numpy as np
 
-NORM_EPS = 1e-5  # run.c rmsnorm
-ROPE_THETA = 10000.0  # run.c: powf(10000.0f, ...)
+NORM_EPS = 1e-5  # run.c rmsnorm; a config with norm_eps says otherwise (GGUF, Hugging Face)
+ROPE_THETA = 10000.0  # run.c: powf(10000.0f, ...); likewise rope_theta
 
 
 def expand(matrix) -> np.ndarray:
@@ -31,12 +31,12 @@ def expand(matrix) -> np.ndarray:
     return np.asarray(matrix, dtype=np.float64)
 
 
-def rmsnorm(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """run.c rmsnorm: weight * x / sqrt(mean(x^2) + 1e-5)."""
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float = NORM_EPS) -> np.ndarray:
+    """run.c rmsnorm: weight * x / sqrt(mean(x^2) + eps)."""
     ss = 0.0
     for value in x:
         ss += value * value
-    ss = 1.0 / math.sqrt(ss / len(x) + NORM_EPS)
+    ss = 1.0 / math.sqrt(ss / len(x) + eps)
     return weight * (ss * x)
 
 
@@ -47,12 +47,12 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return exps / exps.sum()
 
 
-def rope(q: np.ndarray, k: np.ndarray, pos: int, head_size: int) -> None:
+def rope(q: np.ndarray, k: np.ndarray, pos: int, head_size: int, theta: float = ROPE_THETA) -> None:
     """run.c's RoPE, in place: rotate pair (i, i+1) of q always, of k while i < kv_dim."""
     kv_dim = len(k)
     for i in range(0, len(q), 2):
         head_dim = i % head_size
-        freq = 1.0 / ROPE_THETA ** (head_dim / head_size)
+        freq = 1.0 / theta ** (head_dim / head_size)
         val = pos * freq
         fcr, fci = math.cos(val), math.sin(val)
         for vec in ((q, k) if i < kv_dim else (q,)):
@@ -76,6 +76,8 @@ class ReferenceTransformer:
         self.n_kv_heads = config.n_kv_heads
         self.vocab_size = config.vocab_size
         self.seq_len = config.seq_len
+        self.norm_eps = getattr(config, "norm_eps", NORM_EPS)
+        self.rope_theta = getattr(config, "rope_theta", ROPE_THETA)
         self.head_size = self.dim // self.n_heads
         self.kv_dim = self.dim * self.n_kv_heads // self.n_heads
         self.kv_mul = self.n_heads // self.n_kv_heads
@@ -101,16 +103,16 @@ class ReferenceTransformer:
         for l in range(self.n_layers):
             x = x + self.attention(l, x, pos)
             x = x + self.ffn(l, x)
-        x = rmsnorm(x, self.final_norm)
+        x = rmsnorm(x, self.final_norm, self.norm_eps)
         return self.classifier @ x
 
     def attention(self, l: int, x: np.ndarray, pos: int) -> np.ndarray:
         w = self.layers[l]
-        xb = rmsnorm(x, w["attn_norm"])
+        xb = rmsnorm(x, w["attn_norm"], self.norm_eps)
         q = w["wq"] @ xb  # (dim,)
         k = w["wk"] @ xb  # (kv_dim,)
         v = w["wv"] @ xb  # (kv_dim,)
-        rope(q, k, pos, self.head_size)
+        rope(q, k, pos, self.head_size, self.rope_theta)
         self.key_cache[l, pos] = k
         self.value_cache[l, pos] = v
 
@@ -131,7 +133,7 @@ class ReferenceTransformer:
 
     def ffn(self, l: int, x: np.ndarray) -> np.ndarray:
         w = self.layers[l]
-        xb = rmsnorm(x, w["ffn_norm"])
+        xb = rmsnorm(x, w["ffn_norm"], self.norm_eps)
         hb = w["w1"] @ xb  # (hidden_dim,)
         hb2 = w["w3"] @ xb
         gated = np.array([silu(hb[i]) * hb2[i] for i in range(self.hidden_dim)])  # SwiGLU

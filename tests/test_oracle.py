@@ -185,3 +185,22 @@ def test_int8_case_is_quantized(cases):
         case = cases(name)
         assert case.checkpoint.version == 2
         assert hasattr(case.weights.classifier, "scales") and hasattr(case.weights.layers[0].wq, "scales")
+
+
+@pytest.mark.parametrize("field, value", [("rope_theta", 500000.0), ("norm_eps", 1e-2)])
+def test_rope_theta_and_norm_eps_of_the_config_are_used(field, value):
+    """A GGUF or Hugging Face model's own theta and epsilon reach both the runtime and the oracle:
+    the logits match each other, and differ from the same weights run with llama2.c's values."""
+    from dataclasses import replace
+    from model_factory import random_weights
+    base = make_config(seq_len=N_POSITIONS)
+    weights = random_weights(base, seed=11)
+    config = replace(base, **{field: value})
+
+    def engine_logits(cfg):
+        return LocalEngine(cfg, weights).step(np.asarray(RANDOM_IDS), [StepSequence(0, 0, N_POSITIONS)],
+                                              all_logits=True)
+
+    own, llama2c = engine_logits(config), engine_logits(base)
+    assert max_abs(own, reference_logits(config, weights, RANDOM_IDS)) <= TOLERANCE
+    assert max_abs(own, llama2c) > 100 * TOLERANCE
