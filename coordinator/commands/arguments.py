@@ -14,9 +14,18 @@ class Parser(argparse.ArgumentParser):
     """argparse prints its usage and exits 2 on a bad argument; this prints one line naming
     the argument and where to look, like every other llmtp error."""
 
-    def error(self, message: str) -> NoReturn:
-        print(f"llmtp: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+    def error(self, message: str, help_prog: str | None = None) -> NoReturn:
+        print(f"llmtp: error: {message} (see `{help_prog or self.prog} --help`)", file=sys.stderr)
         sys.exit(2)
+
+    def parse_args(self, args=None, namespace=None):
+        """Arguments no command knows are found by the top parser: hint at the command's help."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = [getattr(parsed, name, None) for name in ("command", "cluster_command")]
+            self.error(f"unrecognized arguments: {' '.join(extras)}",
+                       " ".join([self.prog, *filter(None, command)]))
+        return parsed
 
 
 def _number(text: str, convert, what: str):
