@@ -17,7 +17,8 @@ def run_shard(checkpoint_path: str | Path, n_workers: int, out_dir: str | Path, 
 
 
 def describe_manifest(manifest: Manifest) -> str:
-    """A few lines for the CLI to print after sharding."""
+    """A few lines for the CLI to print after sharding. Every range a..b includes b, as
+    `llmtp inspect`'s layers.{0..N-1} does."""
     config = manifest.config
     encoding = f"int8 (group {manifest.group_size})" if manifest.group_size else "float32"
     lines = [f"{manifest.source_path}: {config.n_layers} layers, {config.n_heads} heads "
@@ -26,7 +27,7 @@ def describe_manifest(manifest: Manifest) -> str:
     for entry in manifest.shards:
         spec = entry.spec
         lines.append(f"  {entry.file}: heads {spec.heads[0]}..{spec.heads[1] - 1}, "
-                     f"kv heads {spec.kv_heads[0]}..{spec.kv_heads[1] - 1}, hidden {spec.hidden[0]}..{spec.hidden[1]}, "
-                     f"vocab {spec.vocab[0]}..{spec.vocab[1]}, {entry.n_bytes:,} bytes")
+                     f"kv heads {spec.kv_heads[0]}..{spec.kv_heads[1] - 1}, hidden {spec.hidden[0]}..{spec.hidden[1] - 1}, "
+                     f"vocab {spec.vocab[0]}..{spec.vocab[1] - 1}, {entry.n_bytes:,} bytes")
     lines.append(f"  {manifest.embedding.file}: {manifest.embedding.n_bytes:,} bytes")
     return "\n".join(lines)

@@ -306,7 +306,7 @@ def describe_checkpoint(ckpt: Checkpoint) -> str:
              f"group size:    {ckpt.group_size if ckpt.group_size else '- (not quantized)'}"]
     lines += [f"{name + ':':<15}{getattr(config, name)}" for name in PARAM_NAMES]
     lines += [f"head_dim:      {config.head_dim}",
-              f"kv_dim:        {config.kv_dim} ({config.kv_mul} query heads per kv head)",
+              f"kv_dim:        {config.kv_dim} ({config.kv_mul} query head{'s' if config.kv_mul > 1 else ''} per kv head)",
               f"classifier:    {'shared with token_embedding' if config.shared_classifier else 'separate'}",
               "tensors:"]
     lines += _tensor_table(tensor_layout(config, ckpt.version), config.n_layers, ckpt.group_size)

@@ -1,0 +1,11 @@
+"""One module per `llmtp` subcommand, each with `register(subparsers)` (its arguments and
+handler) and its run function. To add a command: a module here and one line in COMMANDS."""
+
+from . import bench, cluster, convert, generate, inspect, keygen, shard, tokenize, worker
+
+COMMANDS = (generate, shard, worker, cluster, keygen, tokenize, convert, bench, inspect)
+
+
+def register_all(subparsers) -> None:
+    for command in COMMANDS:
+        command.register(subparsers)

@@ -1,0 +1,154 @@
+"""From the command line's engine flags to an engine: a frozen EngineOptions built from
+argparse (never mutating its namespace), and plan_engine, which checks the flags and the
+model and returns what generate needs before it opens anything.
+
+Every opener passes n_slots, and returns a complete engine: one with workers comes wrapped
+in RecoveringEngine (survive losing a worker), so callers never probe what they hold."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import llmtp.common as common_package
+from llmtp.common.errors import ConfigError
+from llmtp.common.formats.checkpoint import MAGIC
+from llmtp.common.model.config import ModelConfig
+
+from ..engine import Engine
+
+DEFAULT_MODEL_DIR = Path(common_package.__file__).resolve().parent / "default_model"  # package data
+DEFAULT_REPLY_TIMEOUT = 30.0  # seconds to wait for any worker reply (a config's timeouts.reply wins)
+DEFAULT_RECOVER_WAIT = 30.0  # seconds to wait for a lost worker to come back (a config's timeouts.recover)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Which engine generate runs on. At most one of workers > 0, cluster, config applies."""
+
+    checkpoint: str | None = None
+    tokenizer: str | None = None
+    workers: int = 0  # 0: in this process
+    cluster: str | None = None  # a `cluster up` state file; "" for the default one
+    config: str | None = None  # a cluster YAML
+    timeout: float | None = None  # None: DEFAULT_REPLY_TIMEOUT or the config's
+    recover_wait: float | None = None  # None: DEFAULT_RECOVER_WAIT or the config's
+    n_slots: int = 1
+
+    @classmethod
+    def from_args(cls, args) -> "EngineOptions":
+        return cls(checkpoint=args.checkpoint, tokenizer=args.tokenizer, workers=args.workers,
+                   cluster=args.cluster, config=args.config, timeout=args.timeout,
+                   recover_wait=args.recover_wait)
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    config: ModelConfig
+    tokenizer_path: Path
+    open: Callable[[], Engine]
+
+
+def resolve_model_paths(checkpoint: str | None, tokenizer: str | None) -> tuple[Path, Path]:
+    """The checkpoint (checked first, so that a mistyped model path is reported as the model)
+    and the tokenizer given or found beside it."""
+    if checkpoint is None:
+        checkpoint_path = DEFAULT_MODEL_DIR / "model.bin"
+        if not checkpoint_path.exists():
+            raise ConfigError(f"no checkpoint given and the bundled model {checkpoint_path} is missing")
+    else:
+        checkpoint_path = Path(checkpoint)
+        if not checkpoint_path.is_file():
+            problem = "is a folder, not a checkpoint file" if checkpoint_path.is_dir() else "no such checkpoint file"
+            raise ConfigError(f"{checkpoint_path}: {problem}")
+    if tokenizer is None:
+        # A .model says how it normalizes whitespace; a tokenizer.bin cannot, so prefer the former.
+        candidates = [checkpoint_path.parent / name for name in ("tokenizer.model", "tokenizer.bin")]
+        tokenizer_path = next((path for path in candidates if path.exists()), None)
+        if tokenizer_path is None:
+            raise ConfigError(f"no tokenizer given (-z) and neither {candidates[0]} nor {candidates[1].name} "
+                              f"exists")
+    else:
+        tokenizer_path = Path(tokenizer)
+    return checkpoint_path, tokenizer_path
+
+
+def plan_engine(options: EngineOptions) -> EnginePlan:
+    """With workers, the coordinator maps only the shard folder's embedding table; the
+    checkpoint itself is read once, to shard it into the cache."""
+    if options.config is not None:
+        return plan_config_engine(options)
+    if options.cluster is not None:
+        return plan_cluster_engine(options)
+    checkpoint_path, tokenizer_path = resolve_model_paths(options.checkpoint, options.tokenizer)
+    if options.workers:
+        from llmtp.common.formats.manifest import load_manifest
+        from llmtp.coordinator import local_cluster
+        shard_folder = local_cluster.ensure_shards(checkpoint_path, options.workers)
+        return EnginePlan(load_manifest(shard_folder).config, tokenizer_path, lambda: recovering(
+            local_cluster.open_local_engine(shard_folder, options.workers, n_slots=options.n_slots,
+                                            timeout=reply_timeout(options)), options))
+
+    from llmtp.common.formats.checkpoint import load_checkpoint
+    from ..local_engine import LocalEngine
+    checkpoint = load_checkpoint(checkpoint_path)
+    return EnginePlan(checkpoint.config, tokenizer_path,
+                      lambda: LocalEngine.from_checkpoint(checkpoint, n_slots=options.n_slots))
+
+
+def plan_cluster_engine(options: EngineOptions) -> EnginePlan:
+    """--cluster: the workers, shards and tokenizer of `llmtp cluster up` (-z may replace the last)."""
+    from llmtp.common.formats.manifest import load_manifest
+    from llmtp.coordinator import local_cluster
+    if options.workers:
+        raise ConfigError("--cluster runs on the workers `llmtp cluster up` started; --workers does not apply "
+                          "(give one or the other)")
+    if options.checkpoint:
+        raise ConfigError("--cluster runs the model `llmtp cluster up` was given; CHECKPOINT does not apply")
+    state_file = local_cluster.state_path(options.cluster or None)
+    check_state_file(state_file)
+    state = local_cluster.read_cluster_state(state_file)
+    config = load_manifest(state["shards"]).config
+    tokenizer = options.tokenizer or state["tokenizer"]
+    return EnginePlan(config, Path(tokenizer), lambda: recovering(local_cluster.open_cluster_engine(
+        state, n_slots=options.n_slots, timeout=reply_timeout(options)), options))
+
+
+def check_state_file(state_file: Path) -> None:
+    """`generate --cluster MODEL.bin` puts the model where the state file goes: say so."""
+    try:
+        with state_file.open("rb") as file:
+            head = file.read(4)
+    except OSError:
+        return  # read_cluster_state names a missing or unreadable file
+    if head == MAGIC.to_bytes(4, "little") or state_file.suffix == ".bin":
+        raise ConfigError(f"--cluster {state_file}: a checkpoint, not a cluster state file (--cluster runs the model "
+                          f"`llmtp cluster up` was given; its optional value is the state file `cluster up` wrote)")
+    if not head.lstrip()[:1] in (b"{", b""):
+        raise ConfigError(f"--cluster {state_file}: not a cluster state file (the JSON `llmtp cluster up` writes)")
+
+
+def plan_config_engine(options: EngineOptions) -> EnginePlan:
+    """--config: the YAML's tokenizer (unless -z), shards, workers and timeouts."""
+    from llmtp.common.cluster.config import load_cluster_config
+    from ..config_cluster import coordinator_manifest, open_config_engine
+    if options.checkpoint or options.workers or options.cluster is not None:
+        raise ConfigError("--config replaces CHECKPOINT, --workers and --cluster")
+    cluster = load_cluster_config(options.config)
+    manifest = coordinator_manifest(cluster)
+    tokenizer = Path(options.tokenizer) if options.tokenizer else cluster.tokenizer
+    recover_wait = options.recover_wait if options.recover_wait is not None else cluster.timeouts.recover
+    return EnginePlan(manifest.config, tokenizer, lambda: recovering(
+        open_config_engine(cluster, manifest, n_slots=options.n_slots, timeout=options.timeout),
+        options, recover_wait))
+
+
+def reply_timeout(options: EngineOptions) -> float:
+    return options.timeout if options.timeout is not None else DEFAULT_REPLY_TIMEOUT
+
+
+def recovering(engine, options: EngineOptions, recover_wait: float | None = None) -> Engine:
+    """A worker engine that survives losing one (restart or wait, rebuild, go on)."""
+    from ..recovery import RecoveringEngine
+    if recover_wait is None:
+        recover_wait = options.recover_wait if options.recover_wait is not None else DEFAULT_RECOVER_WAIT
+    return RecoveringEngine(engine, wait_seconds=recover_wait)
