@@ -25,7 +25,7 @@ from llmtp.common.formats.shard_file import load_embedding, load_shard, write_sh
 from llmtp.common.model.slicing import named_matrices, slice_weights
 from llmtp.common.model.split import full_slice, plan_split
 from llmtp.common.model.transformer import SliceModel, StepSequence
-from llmtp.common.model.weights import QuantizedMatrix
+from llmtp.common.model.q8_grouped import GroupedQ8Matrix as QuantizedMatrix
 from llmtp.coordinator.shard import describe_manifest, run_shard
 from model_factory import make_config, write_random_checkpoint
 

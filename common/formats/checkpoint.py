@@ -29,9 +29,11 @@ from llmtp.common.model.config import LLAMA2C_NORM_EPS, LLAMA2C_ROPE_THETA, Mode
 from llmtp.common.errors import ConfigError, FormatError
 from .mapping import map_readonly
 from llmtp.common.model.ops import rope_tables
+from llmtp.common.model.matrices import Encoding, F32Matrix, as_matrix, encode_as, read_packed
+from llmtp.common.model.q8_grouped import GroupedQ8Matrix
 from llmtp.common.model.quantize import (as_float32, check_group_size, default_group_size, group_size_problem,
-                       quantize_q80, valid_group_sizes)
-from llmtp.common.model.weights import LAYER_FIELDS, LayerWeights, ModelWeights, QuantizedMatrix
+                       valid_group_sizes)
+from llmtp.common.model.weights import LAYER_FIELDS, LayerWeights, ModelWeights
 
 __all__ = ["Checkpoint", "TensorSpec", "load_checkpoint", "write_checkpoint", "convert_checkpoint",
            "describe_checkpoint", "tensor_layout", "checkpoint_size",
@@ -186,12 +188,16 @@ def _parse_v1_header(path: Path, head: bytes, n_bytes: int) -> tuple[int, ModelC
 
 
 def _view(buffer: mmap.mmap, offset: int, spec: TensorSpec, group_size: int | None):
-    """A read-only array (or QuantizedMatrix of two arrays) over the mapped bytes at `offset`."""
-    if spec.encoding == "q8_0":
-        values = np.frombuffer(buffer, np.int8, spec.size, offset).reshape(spec.shape)
-        scales = np.frombuffer(buffer, "<f4", spec.size // group_size, offset + spec.size)
-        return QuantizedMatrix(values=values, scales=scales, group_size=group_size)
+    """A read-only vector or Matrix over the mapped bytes at `offset`."""
+    if len(spec.shape) == 2:
+        return read_packed(buffer, offset, _matrix_encoding(spec, group_size), spec.shape)[0]
     return np.frombuffer(buffer, "<f4", spec.size, offset).reshape(spec.shape)
+
+
+def _matrix_encoding(spec: TensorSpec, group_size: int | None) -> Encoding:
+    if spec.encoding == "q8_0":
+        return Encoding(GroupedQ8Matrix.type_tag, {"group_size": group_size})
+    return Encoding(F32Matrix.type_tag)
 
 
 def _assemble(config: ModelConfig, tensors: dict) -> ModelWeights:
@@ -257,8 +263,9 @@ def _output_group_size(config: ModelConfig, weights: ModelWeights, version: int,
             raise ConfigError(f"group size {group_size} applies only to version 2, not version {version}")
         return None
     if group_size is None:
-        source = weights.token_embedding
-        group_size = source.group_size if isinstance(source, QuantizedMatrix) else default_group_size(config)
+        source = weights.token_embedding.encoding  # keep a quantized source's group size
+        group_size = source.params["group_size"] if source.type == GroupedQ8Matrix.type_tag \
+            else default_group_size(config)
     check_group_size(config, group_size)
     return group_size
 
@@ -277,13 +284,13 @@ def _encode_header(config: ModelConfig, version: int, group_size: int | None) ->
 def _write_tensor(out, spec: TensorSpec, tensor, group_size: int | None) -> None:
     if tuple(tensor.shape) != spec.shape:
         raise ValueError(f"{spec.name}: shape {tuple(tensor.shape)}, config implies {spec.shape}")
-    if spec.encoding != "q8_0":
+    if len(spec.shape) == 1 or spec.encoding == "rope":
         out.write(np.ascontiguousarray(as_float32(tensor), dtype="<f4").data)
         return
-    if not (isinstance(tensor, QuantizedMatrix) and tensor.group_size == group_size):
-        tensor = quantize_q80(as_float32(tensor), group_size)
-    out.write(np.ascontiguousarray(tensor.values, dtype=np.int8).data)
-    out.write(np.ascontiguousarray(tensor.scales, dtype="<f4").data)
+    encoding = _matrix_encoding(spec, group_size)
+    stored = encode_as(as_matrix(tensor), encoding)  # itself when already so stored: a v2 rewrite is bit-identical
+    for part, array in zip(type(stored).layout(spec.shape, encoding.params), stored.parts(), strict=True):
+        out.write(np.ascontiguousarray(array, dtype=part.dtype).data)
 
 
 def convert_checkpoint(in_path: str | os.PathLike, out_path: str | os.PathLike, version: int,

@@ -1,19 +1,17 @@
 """Cutting weights for one worker: applies common/split.py's SPLIT_TABLE to the model's tensors.
 
-An axis-0 cut keeps a range of output rows, an axis-1 cut a range of input columns (in whole
-quantization groups for int8); a replicated tensor is kept whole. Cuts are views where possible,
-so nothing is read from a mapped checkpoint until it is used or written.
+An axis-0 cut keeps a range of output rows, an axis-1 cut a range of input columns (only on
+the matrix type's block boundaries: whole groups for int8); a replicated tensor is kept whole.
+Cuts are views where possible, so nothing is read from a mapped checkpoint until it is used or
+written.
 """
 
 from typing import Iterator
 
-import numpy as np
-
 from .config import ModelConfig
 from llmtp.common.errors import ConfigError
 from .split import SPLIT_TABLE, SliceSpec
-from .weights import LAYER_FIELDS, LayerWeights, Matrix, ModelWeights, QuantizedMatrix, ShardWeights
-
+from .weights import LAYER_FIELDS, LayerWeights, Matrix, ModelWeights, ShardWeights
 
 
 def full_shape(name: str, config: ModelConfig) -> tuple[int, ...]:
@@ -45,28 +43,36 @@ def local_shape(name: str, config: ModelConfig, spec: SliceSpec) -> tuple[int, .
     return tuple(shape)
 
 
-def check_group_alignment(config: ModelConfig, spec: SliceSpec, group_size: int | None) -> None:
-    """Column cuts of int8 matrices must fall on group boundaries (a group never straddles two workers)."""
-    if not group_size or group_size == 1:
-        return
-    for name, (axis, unit) in SPLIT_TABLE.items():
-        if axis != 1:
+def check_cuts(weights: ModelWeights | ShardWeights, config: ModelConfig, spec: SliceSpec) -> None:
+    """Refuse (ConfigError) a spec whose cuts do not fall on every matrix type's block
+    boundaries (a quantization block never straddles two workers)."""
+    for name, matrix in named_matrices(weights):
+        table_name = name.rsplit(".", 1)[-1]
+        cut = cut_range(table_name, config, spec)
+        if not isinstance(matrix, Matrix) or cut is None:
             continue
-        _, start, stop = cut_range(name, config, spec)
-        if start % group_size == 0 and stop % group_size == 0:
+        axis, start, stop = cut
+        problem = matrix.cut_problem(axis, start, stop)
+        if problem is None:
             continue
-        why = (f"head_dim {config.head_dim} is not a multiple of group_size {group_size}" if unit == "heads"
-               else f"{unit} range {start}..{stop} is not a multiple of group_size {group_size}")
-        raise ConfigError(f"cannot cut int8 {name} for worker {spec.index} of {spec.count} at columns "
-                          f"{start}..{stop}: {why}; use a worker count whose head boundaries fall on groups, "
-                          f"or re-quantize with a group size dividing {config.head_dim}")
+        unit = SPLIT_TABLE[table_name][1]
+        granule = matrix.row_granule if axis == 0 else matrix.col_granule
+        why = (f"head_dim {config.head_dim} is not a multiple of {granule}" if unit in ("heads", "kv_heads")
+               else f"the {unit} range is not a multiple of {granule}")
+        raise ConfigError(f"cannot cut {matrix.type_tag} {table_name} for worker {spec.index} of {spec.count}: "
+                          f"{problem} ({why}); use a worker count whose head boundaries fall on its blocks, "
+                          f"or re-quantize with a block size dividing {config.head_dim}")
+
+
+def column_granule(weights: ModelWeights | ShardWeights) -> int:
+    """The granule the hidden (FFN) ranges must be cut in: w2's column blocks."""
+    return max((layer.w2.col_granule for layer in weights.layers), default=1)
 
 
 def slice_weights(weights: ModelWeights | ShardWeights, spec: SliceSpec, config: ModelConfig) -> ShardWeights:
     """One worker's share of the whole model, as SPLIT_TABLE says: views where possible
     (row cuts and fp32 column cuts), so nothing is read until it is used or written."""
-    group_size = next((m.group_size for _, m in named_matrices(weights) if isinstance(m, QuantizedMatrix)), None)
-    check_group_alignment(config, spec, group_size)
+    check_cuts(weights, config, spec)
     layers = [LayerWeights(**{name: slice_tensor(name, getattr(layer, name), config, spec) for name in LAYER_FIELDS})
               for layer in weights.layers]
     return ShardWeights(layers=layers, final_norm=slice_tensor("final_norm", weights.final_norm, config, spec),
@@ -78,23 +84,7 @@ def slice_tensor(name: str, matrix: Matrix, config: ModelConfig, spec: SliceSpec
     if cut is None:
         return matrix
     axis, start, stop = cut
-    if isinstance(matrix, QuantizedMatrix):
-        return _slice_quantized(matrix, axis, start, stop)
-    return matrix[start:stop] if axis == 0 else matrix[:, start:stop]
-
-
-def _slice_quantized(matrix: QuantizedMatrix, axis: int, start: int, stop: int) -> QuantizedMatrix:
-    """Rows are cut as rows; columns in whole groups (scales are row-major, one per group)."""
-    rows, cols = matrix.shape
-    group_size = matrix.group_size
-    scales = matrix.scales.reshape(rows, cols // group_size)
-    if axis == 0:
-        return QuantizedMatrix(values=matrix.values[start:stop], scales=scales[start:stop].reshape(-1),
-                               group_size=group_size)
-    assert start % group_size == 0 and stop % group_size == 0, (start, stop, group_size)
-    # the scales of a column slice are strided; copy them (1/group_size of the values' count)
-    local_scales = np.ascontiguousarray(scales[:, start // group_size:stop // group_size]).reshape(-1)
-    return QuantizedMatrix(values=matrix.values[:, start:stop], scales=local_scales, group_size=group_size)
+    return matrix.take_rows(start, stop) if axis == 0 else matrix.take_cols(start, stop)
 
 
 # wq, wk, wv and then w1, w3 back to back, so a loaded shard can multiply each group as one
