@@ -205,6 +205,51 @@ def test_shards_concatenate_to_the_full_tensors(checkpoints, sharded, kind, n_wo
             assert file_backed(array) and array.flags.c_contiguous and not array.flags.writeable
 
 
+def tensor_by_key(weights, key):
+    if key.startswith("layers."):
+        _, index, name = key.split(".")
+        return getattr(weights.layers[int(index)], name)
+    return getattr(weights, key)
+
+
+def as_float(tensor) -> np.ndarray:
+    """Expanded elementwise from the stored numbers (the same numbers give the same floats)."""
+    return tensor.dequantize() if hasattr(tensor, "dequantize") else np.asarray(tensor)
+
+
+@each_kind_and_n
+def test_every_table_entry_reassembles_from_its_shards(checkpoints, sharded, kind, n_workers):
+    """Driven by the tensor table, so a new entry is checked too: each worker's piece, put back at
+    its spec's range (replicated kv heads must agree), covers the full tensor exactly."""
+    from llmtp.common.model.tensors import TENSORS, unit_count
+    manifest, full = sharded(kind, n_workers), checkpoints[kind].weights
+    shards = [load_shard(manifest.shard_path(i)) for i in range(n_workers)]
+    for info in TENSORS:
+        keys = [f"layers.{i}.{info.name}" for i in range(CONFIG.n_layers)] if info.per_layer else [info.name]
+        for key in keys:
+            want = as_float(tensor_by_key(full, key))
+            assert want.shape == info.shape(CONFIG), key
+            if not info.in_shards:
+                assert np.array_equal(as_float(load_embedding(manifest)), want), key
+                continue
+            pieces = [(shard.spec, tensor_by_key(shard.weights, key)) for shard in shards]
+            if info.cut_axis is None:
+                assert all(np.array_equal(as_float(piece), want) for _, piece in pieces), key
+                continue
+            per_unit = want.shape[info.cut_axis] // unit_count(info.cut_unit, CONFIG)
+            got = np.full(want.shape, np.nan, dtype=np.float32)
+            for spec, piece in pieces:
+                start, stop = (n * per_unit for n in spec.unit_range(info.cut_unit))
+                where = (slice(start, stop), slice(None)) if info.cut_axis == 0 else (slice(None), slice(start, stop))
+                already = got[where]
+                piece = as_float(piece)
+                assert np.all(np.isnan(already) | (already == piece)), key  # replicas agree
+                got[where] = piece
+            assert np.array_equal(got, want), key
+            if kind == "int8" and info.is_matrix:
+                assert all(piece.encoding == tensor_by_key(full, key).encoding for _, piece in pieces), key
+
+
 @each_kind_and_n
 def test_sharded_forward_matches_single_process(checkpoints, sharded, kind, n_workers):
     assert_sharded_run_matches(checkpoints[kind], sharded(kind, n_workers))

@@ -1,4 +1,4 @@
-"""Shard files: one worker's weights, cut by SPLIT_TABLE and memory-mapped back.
+"""Shard files: one worker's weights, cut as the tensor table says and memory-mapped back.
 
 A shard file (also used for the coordinator's embedding table):
 
@@ -43,7 +43,8 @@ from llmtp.common.model.matrices import MATRIX_TYPES, Encoding, F32Matrix, Matri
 from llmtp.common.model.q8_grouped import GroupedQ8Matrix
 from llmtp.common.model.slicing import check_cuts, column_granule, local_shape, named_matrices, slice_weights
 from llmtp.common.model.split import SliceSpec, plan_split
-from llmtp.common.model.weights import LAYER_FIELDS, LayerWeights, ShardWeights
+from llmtp.common.model.tensors import LAYER_TENSORS, TENSOR, layer_key, table_name
+from llmtp.common.model.weights import LayerWeights, ShardWeights
 
 SHARD_MAGIC = b"LLMTPSHD"
 SHARD_FORMAT_VERSION = 1
@@ -340,16 +341,16 @@ def load_shard(path: str | Path) -> Shard:
     group_size = group_size_from(header["group_size"], str(path))
     encodings = _file_encodings(header, path)
 
-    def take(file_name: str, table_name: str):
-        shape = local_shape(table_name, config, spec)
-        if len(shape) == 1:
-            return _take_vector(arrays, file_name, shape, path)
-        return _take_matrix(arrays, file_name, shape, encodings, group_size, path)
+    def take(key: str):
+        name = table_name(key)
+        shape = local_shape(name, config, spec)
+        if not TENSOR[name].is_matrix:
+            return _take_vector(arrays, key, shape, path)
+        return _take_matrix(arrays, key, shape, encodings, group_size, path)
 
-    layers = [LayerWeights(**{name: take(f"layers.{index}.{name}", name) for name in LAYER_FIELDS})
+    layers = [LayerWeights(**{name: take(layer_key(index, name)) for name in LAYER_TENSORS})
               for index in range(config.n_layers)]
-    weights = ShardWeights(layers=layers, final_norm=take("final_norm", "final_norm"),
-                           classifier=take("classifier", "classifier"))
+    weights = ShardWeights(layers=layers, final_norm=take("final_norm"), classifier=take("classifier"))
     if arrays:
         raise FormatError(f"{path}: unexpected tensors {', '.join(sorted(arrays))}")
     return Shard(path=path, config=config, spec=spec, weights=weights, model_sha256=header["model_sha256"],
@@ -371,7 +372,7 @@ def load_embedding(manifest: Manifest | str | Path) -> Matrix:
     if config != manifest.config:
         raise FormatError(f"{path}: config differs from the manifest's")
     group_size = group_size_from(header["group_size"], str(path))
-    matrix = _take_matrix(arrays, "token_embedding", (config.vocab_size, config.dim),
+    matrix = _take_matrix(arrays, "token_embedding", TENSOR["token_embedding"].shape(config),
                           _file_encodings(header, path), group_size, path)
     if arrays:
         raise FormatError(f"{path}: unexpected tensors {', '.join(sorted(arrays))}")

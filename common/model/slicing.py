@@ -1,4 +1,4 @@
-"""Cutting weights for one worker: applies common/split.py's SPLIT_TABLE to the model's tensors.
+"""Cutting weights for one worker: applies the tensor table's cuts (common/model/tensors.py).
 
 An axis-0 cut keeps a range of output rows, an axis-1 cut a range of input columns (only on
 the matrix type's block boundaries: whole groups for int8); a replicated tensor is kept whole.
@@ -10,28 +10,24 @@ from typing import Iterator
 
 from .config import ModelConfig
 from llmtp.common.errors import ConfigError
-from .split import SPLIT_TABLE, SliceSpec
+from .split import SliceSpec
+from .tensors import SHARD_LAYER_ORDER, TENSOR, layer_key, table_name, unit_size
 from .weights import LAYER_FIELDS, LayerWeights, Matrix, ModelWeights, ShardWeights
 
 
 def full_shape(name: str, config: ModelConfig) -> tuple[int, ...]:
-    """The whole model's shape of tensor `name` (a SPLIT_TABLE key), (out, in) for matrices."""
-    dim, hidden = config.dim, config.hidden_dim
-    return {"attn_norm": (dim,), "ffn_norm": (dim,), "final_norm": (dim,),
-            "wq": (config.n_heads * config.head_dim, dim), "wk": (config.kv_dim, dim), "wv": (config.kv_dim, dim),
-            "wo": (dim, config.n_heads * config.head_dim),
-            "w1": (hidden, dim), "w3": (hidden, dim), "w2": (dim, hidden),
-            "classifier": (config.vocab_size, dim)}[name]
+    """The whole model's shape of tensor `name` (a table name), (out, in) for matrices."""
+    return TENSOR[name].shape(config)
 
 
 def cut_range(name: str, config: ModelConfig, spec: SliceSpec) -> tuple[int, int, int] | None:
     """(axis, start, stop) of the rows or columns of `name` that `spec` keeps; None if replicated."""
-    axis, unit = SPLIT_TABLE[name]
-    if axis is None:
+    info = TENSOR[name]
+    if info.cut_axis is None:
         return None
-    unit_size = config.head_dim if unit in ("heads", "kv_heads") else 1
-    first, stop = spec.unit_range(unit)
-    return axis, first * unit_size, stop * unit_size
+    size = unit_size(info.cut_unit, config)
+    first, stop = spec.unit_range(info.cut_unit)
+    return info.cut_axis, first * size, stop * size
 
 
 def local_shape(name: str, config: ModelConfig, spec: SliceSpec) -> tuple[int, ...]:
@@ -46,20 +42,20 @@ def local_shape(name: str, config: ModelConfig, spec: SliceSpec) -> tuple[int, .
 def check_cuts(weights: ModelWeights | ShardWeights, config: ModelConfig, spec: SliceSpec) -> None:
     """Refuse (ConfigError) a spec whose cuts do not fall on every matrix type's block
     boundaries (a quantization block never straddles two workers)."""
-    for name, matrix in named_matrices(weights):
-        table_name = name.rsplit(".", 1)[-1]
-        cut = cut_range(table_name, config, spec)
-        if not isinstance(matrix, Matrix) or cut is None:
+    for key, matrix in named_matrices(weights):
+        name = table_name(key)
+        cut = cut_range(name, config, spec)
+        if cut is None:  # replicated (every norm is)
             continue
         axis, start, stop = cut
         problem = matrix.cut_problem(axis, start, stop)
         if problem is None:
             continue
-        unit = SPLIT_TABLE[table_name][1]
+        unit = TENSOR[name].cut_unit
         granule = matrix.row_granule if axis == 0 else matrix.col_granule
         why = (f"head_dim {config.head_dim} is not a multiple of {granule}" if unit in ("heads", "kv_heads")
                else f"the {unit} range is not a multiple of {granule}")
-        raise ConfigError(f"cannot cut {matrix.type_tag} {table_name} for worker {spec.index} of {spec.count}: "
+        raise ConfigError(f"cannot cut {matrix.type_tag} {name} for worker {spec.index} of {spec.count}: "
                           f"{problem} ({why}); use a worker count whose head boundaries fall on its blocks, "
                           f"or re-quantize with a block size dividing {config.head_dim}")
 
@@ -87,16 +83,11 @@ def slice_tensor(name: str, matrix: Matrix, config: ModelConfig, spec: SliceSpec
     return matrix.take_rows(start, stop) if axis == 0 else matrix.take_cols(start, stop)
 
 
-# wq, wk, wv and then w1, w3 back to back, so a loaded shard can multiply each group as one
-# stacked matrix (weights.stacked_view): fewer, larger BLAS calls.
-FILE_ORDER = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w3", "w2")
-assert sorted(FILE_ORDER) == sorted(LAYER_FIELDS)
-
-
 def named_matrices(weights: ModelWeights | ShardWeights) -> Iterator[tuple[str, Matrix]]:
-    """(file name, tensor) of every tensor a worker holds, in file order."""
+    """(stored name, tensor) of every tensor a worker holds, in shard file order (each stacked
+    group back to back, so a loaded shard multiplies it as one matrix: weights.stacked_view)."""
     for index, layer in enumerate(weights.layers):
-        for name in FILE_ORDER:
-            yield f"layers.{index}.{name}", getattr(layer, name)
+        for name in SHARD_LAYER_ORDER:
+            yield layer_key(index, name), getattr(layer, name)
     yield "final_norm", weights.final_norm
     yield "classifier", weights.classifier

@@ -1,34 +1,17 @@
-"""How the model is cut across workers (Megatron-style tensor parallelism).
+"""How the model is cut across workers: each worker's share of heads, FFN units and vocabulary.
 
-Column-parallel weights (wq, wk, wv, w1, w3, classifier) keep a worker's output
-rows; row-parallel weights (wo, w2) keep its input columns and end in one sum
-over workers. SPLIT_TABLE is the single statement of that rule: the shard writer,
-the worker loader and the tests all read it.
-
-  attention:  Y = concat_w(softmax(Q_w K_w^T) V_w) @ Wo^T = sum_w (attn_w @ Wo_w^T)
-  ffn:        Y = sum_w (silu(X W1_w^T) * (X W3_w^T)) @ W2_w^T
-  logits:     L = concat_w(X C_w^T)
+Which tensor is cut along which axis, in which unit, is the tensor table's (common/model/
+tensors.py); SPLIT_TABLE is that rule as a name -> (axis, unit) map of the tensors in shards.
 """
 
 from dataclasses import dataclass
 
 from .config import ModelConfig
 from llmtp.common.errors import ConfigError
+from .tensors import SHARD_TENSORS
 
 # name -> (axis cut, what the cut is measured in). Axis 0 = rows (outputs), 1 = columns (inputs).
-SPLIT_TABLE = {
-    "attn_norm": (None, None),
-    "wq": (0, "heads"),
-    "wk": (0, "kv_heads"),
-    "wv": (0, "kv_heads"),
-    "wo": (1, "heads"),
-    "ffn_norm": (None, None),
-    "w1": (0, "hidden"),
-    "w2": (1, "hidden"),
-    "w3": (0, "hidden"),
-    "final_norm": (None, None),
-    "classifier": (0, "vocab"),
-}
+SPLIT_TABLE = {info.name: (info.cut_axis, info.cut_unit) for info in SHARD_TENSORS}
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from .matrices import Matrix, as_matrix, stacked_view
+from .tensors import LAYER_MATRICES, LAYER_TENSORS
 
 __all__ = ["LayerWeights", "ShardWeights", "ModelWeights", "Matrix", "LAYER_FIELDS",
            "LAYER_MATRICES", "embed_tokens", "stacked_view"]
@@ -35,7 +36,7 @@ class LayerWeights:
 
 
 LAYER_FIELDS = tuple(field.name for field in fields(LayerWeights))
-LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+assert LAYER_FIELDS == LAYER_TENSORS, "LayerWeights must hold the tensor table's per-layer tensors, in its order"
 
 
 @dataclass
