@@ -501,3 +501,32 @@ def test_stories260k(tmp_path, n_workers):
     with pytest.raises(FormatError) as error:
         load_shard(path)
     assert_one_line_naming(error, path, "truncated")
+
+
+# --- layer ranges -------------------------------------------------------------------------
+
+def test_specs_name_their_layer_range_and_older_files_mean_all_layers(sharded, tmp_path):
+    manifest = sharded("fp32", 3)
+    assert all(spec.layers == (0, CONFIG.n_layers) for spec in manifest.specs)
+    data = json.loads((manifest.directory / "manifest.json").read_text())
+    assert all(entry["spec"]["layers"] == [0, CONFIG.n_layers] for entry in data["shards"])
+    assert load_shard(manifest.shard_path(1)).spec.layers == (0, CONFIG.n_layers)
+
+    path = copy_manifest_dir(manifest, tmp_path) / "manifest.json"  # as written before specs had layers
+    for entry in data["shards"]:
+        del entry["spec"]["layers"]
+    path.write_text(json.dumps(data))
+    assert load_manifest(path).specs == manifest.specs
+    shard_path = path.parent / "shard-1-of-3.bin"
+    rewrite_header(shard_path, lambda h: h["spec"].pop("layers"))
+    assert load_shard(shard_path).spec == manifest.specs[1]
+
+
+@pytest.mark.parametrize("layers,words", [([0, 1], ["spec.layers 0..1", "not all 2 layers"]),
+                                          ([0, 3], ["spec.layers 0..3", "outside 0..2"])])
+def test_a_spec_with_part_of_the_layers_is_refused(sharded, tmp_path, layers, words):
+    path = copy_manifest_dir(sharded("fp32", 2), tmp_path) / "shard-0-of-2.bin"
+    rewrite_header(path, lambda h: h["spec"].update(layers=layers))
+    with pytest.raises(FormatError) as error:
+        load_shard(path)
+    assert_one_line_naming(error, path, *words)

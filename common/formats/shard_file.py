@@ -163,7 +163,8 @@ def write_shards(checkpoint, n_workers: int, out_dir: str | Path, model_sha256: 
 
     # views of the checkpoint, made per file so only one shard's are alive
     jobs = [(shard_file_name(spec.index, n_workers), f"shard {spec.index + 1}/{n_workers}",
-             lambda spec=spec: file_contents("shard", spec, named_matrices(slice_weights(weights, spec, config))))
+             lambda spec=spec: file_contents("shard", spec, named_matrices(slice_weights(weights, spec, config),
+                                                                             spec.layers[0])))
             for spec in specs]
     jobs.append((EMBEDDING_NAME, "embedding",
                  lambda: file_contents("embedding", None, [("token_embedding", weights.token_embedding)])))
@@ -349,7 +350,7 @@ def load_shard(path: str | Path) -> Shard:
         return _take_matrix(arrays, key, shape, encodings, group_size, path)
 
     layers = [LayerWeights(**{name: take(layer_key(index, name)) for name in LAYER_TENSORS})
-              for index in range(config.n_layers)]
+              for index in range(*spec.layers)]
     weights = ShardWeights(layers=layers, final_norm=take("final_norm"), classifier=take("classifier"))
     if arrays:
         raise FormatError(f"{path}: unexpected tensors {', '.join(sorted(arrays))}")

@@ -69,8 +69,9 @@ def slice_weights(weights: ModelWeights | ShardWeights, spec: SliceSpec, config:
     """One worker's share of the whole model, as SPLIT_TABLE says: views where possible
     (row cuts and fp32 column cuts), so nothing is read until it is used or written."""
     check_cuts(weights, config, spec)
+    first, stop = spec.layers
     layers = [LayerWeights(**{name: slice_tensor(name, getattr(layer, name), config, spec) for name in LAYER_FIELDS})
-              for layer in weights.layers]
+              for layer in weights.layers[first:stop]]
     return ShardWeights(layers=layers, final_norm=slice_tensor("final_norm", weights.final_norm, config, spec),
                         classifier=slice_tensor("classifier", weights.classifier, config, spec))
 
@@ -83,10 +84,11 @@ def slice_tensor(name: str, matrix: Matrix, config: ModelConfig, spec: SliceSpec
     return matrix.take_rows(start, stop) if axis == 0 else matrix.take_cols(start, stop)
 
 
-def named_matrices(weights: ModelWeights | ShardWeights) -> Iterator[tuple[str, Matrix]]:
+def named_matrices(weights: ModelWeights | ShardWeights, first_layer: int = 0) -> Iterator[tuple[str, Matrix]]:
     """(stored name, tensor) of every tensor a worker holds, in shard file order (each stacked
-    group back to back, so a loaded shard multiplies it as one matrix: weights.stacked_view)."""
-    for index, layer in enumerate(weights.layers):
+    group back to back, so a loaded shard multiplies it as one matrix: weights.stacked_view).
+    `weights.layers[0]` is the model's layer `first_layer`."""
+    for index, layer in enumerate(weights.layers, start=first_layer):
         for name in SHARD_LAYER_ORDER:
             yield layer_key(index, name), getattr(layer, name)
     yield "final_norm", weights.final_norm

@@ -16,7 +16,10 @@ SPLIT_TABLE = {info.name: (info.cut_axis, info.cut_unit) for info in SHARD_TENSO
 
 @dataclass(frozen=True)
 class SliceSpec:
-    """The share of one worker, as [start, stop) ranges of global indices."""
+    """The share of one worker, as [start, stop) ranges of global indices.
+
+    `layers` is the range of layers it runs: every layer for now (tensor parallelism only);
+    a pipeline stage will hold a part of them."""
 
     index: int
     count: int
@@ -24,6 +27,11 @@ class SliceSpec:
     kv_heads: tuple[int, int]
     hidden: tuple[int, int]
     vocab: tuple[int, int]
+    layers: tuple[int, int]
+
+    @property
+    def n_layers_local(self) -> int:
+        return self.layers[1] - self.layers[0]
 
     @property
     def n_heads_local(self) -> int:
@@ -53,17 +61,21 @@ class SliceSpec:
         return groups
 
     def unit_range(self, unit: str) -> tuple[int, int]:
-        """The [start, stop) range of `unit` ("heads", "kv_heads", "hidden", "vocab")."""
+        """The [start, stop) range of `unit` ("heads", "kv_heads", "hidden", "vocab", "layers")."""
         return getattr(self, unit)
 
     def to_dict(self) -> dict:
         return {"index": self.index, "count": self.count, "heads": list(self.heads),
-                "kv_heads": list(self.kv_heads), "hidden": list(self.hidden), "vocab": list(self.vocab)}
+                "kv_heads": list(self.kv_heads), "hidden": list(self.hidden), "vocab": list(self.vocab),
+                "layers": list(self.layers)}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SliceSpec":
+    def from_dict(cls, data: dict, n_layers: int) -> "SliceSpec":
+        """`n_layers`: the model's, the layer range of a spec written before specs named one."""
+        layers = tuple(data["layers"]) if "layers" in data else (0, n_layers)
         return cls(index=data["index"], count=data["count"], heads=tuple(data["heads"]),
-                   kv_heads=tuple(data["kv_heads"]), hidden=tuple(data["hidden"]), vocab=tuple(data["vocab"]))
+                   kv_heads=tuple(data["kv_heads"]), hidden=tuple(data["hidden"]), vocab=tuple(data["vocab"]),
+                   layers=layers)
 
 
 def split_evenly(total: int, parts: int, granule: int = 1) -> list[tuple[int, int]]:
@@ -105,5 +117,6 @@ def plan_split(config: ModelConfig, n_workers: int, group_size: int = 1) -> list
         first_head, stop_head = head_ranges[index]
         kv_heads = (first_head // config.kv_mul, (stop_head - 1) // config.kv_mul + 1)
         specs.append(SliceSpec(index=index, count=n_workers, heads=head_ranges[index], kv_heads=kv_heads,
-                               hidden=hidden_ranges[index], vocab=vocab_ranges[index]))
+                               hidden=hidden_ranges[index], vocab=vocab_ranges[index],
+                               layers=(0, config.n_layers)))
     return specs

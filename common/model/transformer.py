@@ -67,7 +67,8 @@ class SliceModel:
         self.config = config
         self.spec = spec
         self.weights = weights
-        self.cache = KVCache(config.n_layers, n_slots, spec.n_kv_heads_local, config.seq_len, config.head_dim)
+        assert len(weights.layers) == spec.n_layers_local, (len(weights.layers), spec.layers)
+        self.cache = KVCache(spec.n_layers_local, n_slots, spec.n_kv_heads_local, config.seq_len, config.head_dim)
         self.rope_rotations = rope_rotations(config.seq_len, config.head_dim, config.rope_theta)
         self.kv_groups = spec.kv_groups(config)
         self.heads_per_kv_head = _uniform_group_size(self.kv_groups)
@@ -84,7 +85,7 @@ class SliceModel:
         self.check_sequences(sequences, x.shape[0])
         positions = np.concatenate([np.arange(s.start_position, s.start_position + s.n_tokens)
                                     for s in sequences])
-        for layer_index in range(self.config.n_layers):
+        for layer_index in range(self.spec.n_layers_local):  # indices into this slice's layers
             x = x + allreduce(self.attention_partial(layer_index, x, sequences, positions))
             x = x + allreduce(self.ffn_partial(layer_index, x))
         if not all_logits:
