@@ -1,12 +1,14 @@
 """Matrix types: each storage's product, expansion, row lookup, cuts and stored parts,
 against float64 arithmetic written here from the storage's definition."""
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 
 from llmtp.common.errors import ConfigError
-from llmtp.common.model.matrices import (MATRIX_TYPES, Encoding, F32Matrix, Matrix, as_matrix, encode_as,
-                                         stack_rows)
+from llmtp.common.model.matrices import (MATRIX_TYPES, Encoding, F32Matrix, Matrix, Part, as_matrix, encode_as,
+                                         register_matrix_type, stack_rows)
 from llmtp.common.model.q8_grouped import GroupedQ8Matrix
 
 RNG = np.random.default_rng(11)
@@ -107,3 +109,91 @@ def test_stacking_is_a_view_only_over_back_to_back_f32():
     np.testing.assert_array_equal(stacked, block)
     assert stack_rows([random_q8((2, 4)), random_q8((2, 4))]) is None
     assert stack_rows([top, random_q8((3, 4))]) is None
+
+
+# --- a new storage type is one registered class -----------------------------------------------
+
+@register_matrix_type
+@dataclass
+class RowScaledQ8(Matrix):
+    """A test-only storage: int8 values and one float32 scale per row. Nothing outside this class
+    knows it, yet it is cut, written to shards, read back and multiplied like the shipped ones."""
+
+    type_tag = "test_q8_rows"
+    values: np.ndarray
+    scales: np.ndarray  # (rows,)
+
+    shape = property(lambda self: self.values.shape)
+    nbytes = property(lambda self: self.values.nbytes + self.scales.nbytes)
+    encoding = property(lambda self: Encoding(self.type_tag))
+
+    def dequantize(self):
+        return self.values.astype(np.float32) * self.scales[:, None]
+
+    def matmul(self, x):
+        return x @ self.dequantize().T
+
+    def rows(self, ids):
+        return self.dequantize()[ids]
+
+    def _rows_view(self, start, stop):
+        return RowScaledQ8(self.values[start:stop], self.scales[start:stop])
+
+    def _cols_view(self, start, stop):
+        return RowScaledQ8(self.values[:, start:stop], self.scales)
+
+    @classmethod
+    def layout(cls, shape, params):
+        return [Part(".values", np.dtype("i1"), tuple(shape)), Part(".scales", np.dtype("<f4"), (shape[0],))]
+
+    def parts(self):
+        return [self.values, self.scales]
+
+    @classmethod
+    def from_parts(cls, shape, params, arrays):
+        return cls(*arrays)
+
+    @classmethod
+    def from_float(cls, weights, params):
+        scales = (np.abs(weights).max(axis=1) / 127).astype(np.float32)
+        return cls(np.rint(weights / scales[:, None]).astype(np.int8), scales)
+
+
+def test_a_registered_type_goes_through_shards_and_the_forward_pass(tmp_path):
+    from types import SimpleNamespace
+
+    from llmtp.common.formats.shard_file import load_embedding, load_shard, write_shards
+    from llmtp.common.model.split import full_slice
+    from llmtp.common.model.transformer import SliceModel, StepSequence
+    from llmtp.common.model.weights import LayerWeights, ModelWeights
+    from model_factory import make_config, random_weights
+
+    config = make_config()
+    source = random_weights(config, seed=4)
+    to_rows = lambda m: RowScaledQ8.from_float(np.asarray(m), {})  # noqa: E731
+    layers = [LayerWeights(**{name: (to_rows(getattr(layer, name)) if name.startswith("w") else getattr(layer, name))
+                              for name in ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3")})
+              for layer in source.layers]
+    weights = ModelWeights(to_rows(source.token_embedding), layers, source.final_norm, to_rows(source.classifier))
+    path = tmp_path / "source.bin"
+    path.write_bytes(b"stands for the source model")
+    checkpoint = SimpleNamespace(config=config, weights=weights, group_size=None, path=path, n_bytes=27, version=1)
+    manifest = write_shards(checkpoint, 3, tmp_path / "shards", progress=False)
+
+    shards = [load_shard(manifest.shard_path(i)) for i in range(3)]
+    assert all(isinstance(s.weights.layers[0].wo, RowScaledQ8) for s in shards)
+    assert isinstance(load_embedding(manifest), RowScaledQ8)
+    tokens = np.array([3, 1, 4, 1, 5])
+    x = weights.embed(tokens)
+    sequences = [StepSequence(0, 0, len(tokens))]
+    want = SliceModel(config, full_slice(config), weights.as_shard()).forward(x, sequences)
+    models = [SliceModel(s.config, s.spec, s.weights) for s in shards]
+    # the sharded pass by hand, summing the row-parallel partials (as in test_shard.py)
+    positions = np.arange(len(tokens))
+    for layer in range(config.n_layers):
+        x = x + sum(m.attention_partial(layer, x, sequences, positions) for m in models)
+        x = x + sum(m.ffn_partial(layer, x) for m in models)
+    from llmtp.common.model.ops import rmsnorm
+    h = rmsnorm(x[-1:], weights.final_norm, config.norm_eps)
+    got = np.concatenate([m.matmul(h, m.weights.classifier) for m in models], axis=1)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)

@@ -530,3 +530,32 @@ def test_a_spec_with_part_of_the_layers_is_refused(sharded, tmp_path, layers, wo
     with pytest.raises(FormatError) as error:
         load_shard(path)
     assert_one_line_naming(error, path, *words)
+
+
+# --- matrix encodings in shard headers -----------------------------------------------------
+
+@pytest.mark.parametrize("mutate,words", [
+    (lambda e: e.update({"layers.0.wq": {"type": "q3_magic"}}), ["layers.0.wq", "matrix type 'q3_magic' is unknown"]),
+    (lambda e: e.update({"layers.0.wo": {"type": "q8_grouped", "group_size": 5}}),
+     ["layers.0.wo", "group_size 5 does not divide"]),
+    (lambda e: e.update({"layers.0.wo": {"type": "q8_grouped", "group_size": True}}), ["group_size", "not an integer"]),
+    (lambda e: e.pop("classifier"), ["'encodings' has no entry for tensor classifier"]),
+    (lambda e: e.update({"layers.1.w1": "f32"}), ["layers.1.w1", "not a map"]),
+])
+def test_damaged_matrix_encodings_are_one_line_format_errors(sharded, tmp_path, mutate, words):
+    path = copy_manifest_dir(sharded("int8", 2), tmp_path) / "shard-0-of-2.bin"
+    assert load_shard(path).weights.layers[0].wq.encoding.to_dict() == {"type": "q8_grouped", "group_size": 4}
+    rewrite_header(path, lambda h: mutate(h["encodings"]))
+    with pytest.raises(FormatError) as error:
+        load_shard(path)
+    assert_one_line_naming(error, path, *words)
+
+
+def test_shards_written_before_encodings_read_as_before(sharded, tmp_path):
+    for kind in KINDS:
+        path = copy_manifest_dir(sharded(kind, 2), tmp_path / kind) / "shard-1-of-2.bin"
+        want = load_shard(path).weights
+        rewrite_header(path, lambda h: h.pop("encodings"))
+        got = load_shard(path).weights
+        for (name, a), (_, b) in zip(named_matrices(got), named_matrices(want), strict=True):
+            assert type(a) is type(b) and all(np.array_equal(x, y) for x, y in zip(components(a), components(b))), name

@@ -292,7 +292,9 @@ def _encoding_of(arrays: dict, name: str, encodings: dict | None, group_size: in
         return Encoding(F32Matrix.type_tag)
     if f"{name}.values" not in arrays or f"{name}.scales" not in arrays:
         raise FormatError(f"{path}: tensor {name} is missing")
-    return Encoding(GroupedQ8Matrix.type_tag, {"group_size": group_size if group_size is not None else 0})
+    if group_size is None:
+        raise FormatError(f"{path}: tensor {name} is int8 but the header's group_size is null")
+    return Encoding(GroupedQ8Matrix.type_tag, {"group_size": group_size})
 
 
 def _take_matrix(arrays: dict, name: str, shape: tuple, encodings: dict | None, group_size: int | None,

@@ -50,9 +50,6 @@ class ShardWeights:
     def __post_init__(self):
         self.classifier = as_matrix(self.classifier)
 
-    def matrices(self) -> list[Matrix]:
-        return [getattr(layer, name) for layer in self.layers for name in LAYER_MATRICES] + [self.classifier]
-
 
 @dataclass
 class ModelWeights:
