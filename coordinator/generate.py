@@ -4,14 +4,16 @@ per step, streaming text as it completes. Works with any engine that has `step`.
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Collection
 
 import numpy as np
 
+from llmtp.common.formats.tokenizer import Tokenizer
 from llmtp.common.model.sampler import Sampler
 from llmtp.common.model.transformer import StepSequence
 
-BOS_ID, EOS_ID = 1, 2
+# What run.c stops on with a llama2.c tokenizer; a caller holding a tokenizer passes its own ids.
+LLAMA2C_STOP_IDS = (Tokenizer.bos_id, Tokenizer.eos_id)
 
 
 @dataclass
@@ -32,9 +34,11 @@ class GenerationResult:
 
 
 def generate(engine, sampler: Sampler, prompt_ids: list[int], steps: int,
-             on_token: Callable[[int], None] = lambda token: None, slot: int = 0) -> GenerationResult:
+             on_token: Callable[[int], None] = lambda token: None, slot: int = 0,
+             stop_ids: Collection[int] = LLAMA2C_STOP_IDS) -> GenerationResult:
     """Like run.c's generate(): `steps` counts positions including the prompt; the token
-    sampled after the last position is emitted but not fed. Stops early on BOS or EOS.
+    sampled after the last position is emitted but not fed. Stops early on any of `stop_ids`
+    (the tokenizer's BOS and EOS).
 
     on_token is called with each prompt id after BOS, then each generated id."""
     assert 1 <= len(prompt_ids) <= steps <= engine.config.seq_len, (len(prompt_ids), steps)
@@ -50,7 +54,7 @@ def generate(engine, sampler: Sampler, prompt_ids: list[int], steps: int,
     started = time.perf_counter()
     while True:
         token = sampler.sample(logits)
-        if token in (BOS_ID, EOS_ID):
+        if token in stop_ids:
             break
         result.generated_ids.append(token)
         on_token(token)

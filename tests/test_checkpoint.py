@@ -15,7 +15,7 @@ from llmtp.common.formats.checkpoint import (Checkpoint, convert_checkpoint, def
                                load_checkpoint, valid_group_sizes, write_checkpoint)
 from llmtp.common.model.config import ModelConfig
 from llmtp.common.errors import ConfigError, FormatError
-from llmtp.common.model.weights import QuantizedMatrix
+from llmtp.common.model.q8_grouped import GroupedQ8Matrix as QuantizedMatrix
 from model_factory import make_config, random_weights, write_random_checkpoint
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "shared" / "models"

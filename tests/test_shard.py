@@ -25,7 +25,7 @@ from llmtp.common.formats.shard_file import load_embedding, load_shard, write_sh
 from llmtp.common.model.slicing import named_matrices, slice_weights
 from llmtp.common.model.split import full_slice, plan_split
 from llmtp.common.model.transformer import SliceModel, StepSequence
-from llmtp.common.model.weights import QuantizedMatrix
+from llmtp.common.model.q8_grouped import GroupedQ8Matrix as QuantizedMatrix
 from llmtp.coordinator.shard import describe_manifest, run_shard
 from model_factory import make_config, write_random_checkpoint
 
@@ -203,6 +203,51 @@ def test_shards_concatenate_to_the_full_tensors(checkpoints, sharded, kind, n_wo
         assert shard.group_size == KINDS[kind].get("group_size")
         for array in shard_arrays(shard):
             assert file_backed(array) and array.flags.c_contiguous and not array.flags.writeable
+
+
+def tensor_by_key(weights, key):
+    if key.startswith("layers."):
+        _, index, name = key.split(".")
+        return getattr(weights.layers[int(index)], name)
+    return getattr(weights, key)
+
+
+def as_float(tensor) -> np.ndarray:
+    """Expanded elementwise from the stored numbers (the same numbers give the same floats)."""
+    return tensor.dequantize() if hasattr(tensor, "dequantize") else np.asarray(tensor)
+
+
+@each_kind_and_n
+def test_every_table_entry_reassembles_from_its_shards(checkpoints, sharded, kind, n_workers):
+    """Driven by the tensor table, so a new entry is checked too: each worker's piece, put back at
+    its spec's range (replicated kv heads must agree), covers the full tensor exactly."""
+    from llmtp.common.model.tensors import TENSORS, unit_count
+    manifest, full = sharded(kind, n_workers), checkpoints[kind].weights
+    shards = [load_shard(manifest.shard_path(i)) for i in range(n_workers)]
+    for info in TENSORS:
+        keys = [f"layers.{i}.{info.name}" for i in range(CONFIG.n_layers)] if info.per_layer else [info.name]
+        for key in keys:
+            want = as_float(tensor_by_key(full, key))
+            assert want.shape == info.shape(CONFIG), key
+            if not info.in_shards:
+                assert np.array_equal(as_float(load_embedding(manifest)), want), key
+                continue
+            pieces = [(shard.spec, tensor_by_key(shard.weights, key)) for shard in shards]
+            if info.cut_axis is None:
+                assert all(np.array_equal(as_float(piece), want) for _, piece in pieces), key
+                continue
+            per_unit = want.shape[info.cut_axis] // unit_count(info.cut_unit, CONFIG)
+            got = np.full(want.shape, np.nan, dtype=np.float32)
+            for spec, piece in pieces:
+                start, stop = (n * per_unit for n in spec.unit_range(info.cut_unit))
+                where = (slice(start, stop), slice(None)) if info.cut_axis == 0 else (slice(None), slice(start, stop))
+                already = got[where]
+                piece = as_float(piece)
+                assert np.all(np.isnan(already) | (already == piece)), key  # replicas agree
+                got[where] = piece
+            assert np.array_equal(got, want), key
+            if kind == "int8" and info.is_matrix:
+                assert all(piece.encoding == tensor_by_key(full, key).encoding for _, piece in pieces), key
 
 
 @each_kind_and_n
@@ -456,3 +501,61 @@ def test_stories260k(tmp_path, n_workers):
     with pytest.raises(FormatError) as error:
         load_shard(path)
     assert_one_line_naming(error, path, "truncated")
+
+
+# --- layer ranges -------------------------------------------------------------------------
+
+def test_specs_name_their_layer_range_and_older_files_mean_all_layers(sharded, tmp_path):
+    manifest = sharded("fp32", 3)
+    assert all(spec.layers == (0, CONFIG.n_layers) for spec in manifest.specs)
+    data = json.loads((manifest.directory / "manifest.json").read_text())
+    assert all(entry["spec"]["layers"] == [0, CONFIG.n_layers] for entry in data["shards"])
+    assert load_shard(manifest.shard_path(1)).spec.layers == (0, CONFIG.n_layers)
+
+    path = copy_manifest_dir(manifest, tmp_path) / "manifest.json"  # as written before specs had layers
+    for entry in data["shards"]:
+        del entry["spec"]["layers"]
+    path.write_text(json.dumps(data))
+    assert load_manifest(path).specs == manifest.specs
+    shard_path = path.parent / "shard-1-of-3.bin"
+    rewrite_header(shard_path, lambda h: h["spec"].pop("layers"))
+    assert load_shard(shard_path).spec == manifest.specs[1]
+
+
+@pytest.mark.parametrize("layers,words", [([0, 1], ["spec.layers 0..1", "not all 2 layers"]),
+                                          ([0, 3], ["spec.layers 0..3", "outside 0..2"])])
+def test_a_spec_with_part_of_the_layers_is_refused(sharded, tmp_path, layers, words):
+    path = copy_manifest_dir(sharded("fp32", 2), tmp_path) / "shard-0-of-2.bin"
+    rewrite_header(path, lambda h: h["spec"].update(layers=layers))
+    with pytest.raises(FormatError) as error:
+        load_shard(path)
+    assert_one_line_naming(error, path, *words)
+
+
+# --- matrix encodings in shard headers -----------------------------------------------------
+
+@pytest.mark.parametrize("mutate,words", [
+    (lambda e: e.update({"layers.0.wq": {"type": "q3_magic"}}), ["layers.0.wq", "matrix type 'q3_magic' is unknown"]),
+    (lambda e: e.update({"layers.0.wo": {"type": "q8_grouped", "group_size": 5}}),
+     ["layers.0.wo", "group_size 5 does not divide"]),
+    (lambda e: e.update({"layers.0.wo": {"type": "q8_grouped", "group_size": True}}), ["group_size", "not an integer"]),
+    (lambda e: e.pop("classifier"), ["'encodings' has no entry for tensor classifier"]),
+    (lambda e: e.update({"layers.1.w1": "f32"}), ["layers.1.w1", "not a map"]),
+])
+def test_damaged_matrix_encodings_are_one_line_format_errors(sharded, tmp_path, mutate, words):
+    path = copy_manifest_dir(sharded("int8", 2), tmp_path) / "shard-0-of-2.bin"
+    assert load_shard(path).weights.layers[0].wq.encoding.to_dict() == {"type": "q8_grouped", "group_size": 4}
+    rewrite_header(path, lambda h: mutate(h["encodings"]))
+    with pytest.raises(FormatError) as error:
+        load_shard(path)
+    assert_one_line_naming(error, path, *words)
+
+
+def test_shards_written_before_encodings_read_as_before(sharded, tmp_path):
+    for kind in KINDS:
+        path = copy_manifest_dir(sharded(kind, 2), tmp_path / kind) / "shard-1-of-2.bin"
+        want = load_shard(path).weights
+        rewrite_header(path, lambda h: h.pop("encodings"))
+        got = load_shard(path).weights
+        for (name, a), (_, b) in zip(named_matrices(got), named_matrices(want), strict=True):
+            assert type(a) is type(b) and all(np.array_equal(x, y) for x, y in zip(components(a), components(b))), name

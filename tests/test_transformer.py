@@ -66,3 +66,19 @@ def test_a_loaded_shard_multiplies_qkv_and_w13_as_stacked_matrices(tmp_path):
     assert all(view is not None for view in model.stacked_qkv + model.stacked_w13)
     layer = shard.weights.layers[0]
     np.testing.assert_array_equal(model.stacked_w13[0], np.vstack([layer.w1, layer.w3]))
+
+
+def test_generation_stops_on_the_ids_it_is_given():
+    from llmtp.common.model.sampler import Sampler, SamplerConfig
+    from llmtp.coordinator.generate import generate
+    config = make_config(seq_len=32)
+    weights = random_weights(config, seed=3)
+
+    def run(**options):
+        engine = LocalEngine(config, weights)
+        return generate(engine, Sampler(SamplerConfig(temperature=0.0)), [1, 5, 9], 12, **options).generated_ids
+
+    free = run(stop_ids=())
+    assert len(free) == 12 - 3 + 1  # every position after the prompt, and the last sampled token
+    assert run(stop_ids=(free[0],)) == []
+    assert run(stop_ids=(free[3],)) == free[:free.index(free[3])]

@@ -12,8 +12,9 @@ Layouts (little-endian throughout):
   in fp32, then each matrix in the version-1 order as its int8 values immediately followed
   by its fp32 scales (llama2.c runq.c init_quantized_tensors).
 
-One table, `tensor_layout`, gives the order, shape and encoding of every tensor; the loader,
-the size check, the writer and `describe_checkpoint` all walk it.
+`tensor_layout` gives the order, shape and encoding of every tensor (orders from LLAMA2C_ORDERS,
+shapes from the model's tensor table); the loader, the size check, the writer and
+`describe_checkpoint` all walk it.
 """
 
 import mmap
@@ -29,9 +30,13 @@ from llmtp.common.model.config import LLAMA2C_NORM_EPS, LLAMA2C_ROPE_THETA, Mode
 from llmtp.common.errors import ConfigError, FormatError
 from .mapping import map_readonly
 from llmtp.common.model.ops import rope_tables
+from llmtp.common.model.matrices import Encoding, F32Matrix, as_matrix, encode_as, packed_nbytes, read_packed
+from llmtp.common.model.q8_grouped import GroupedQ8Matrix
 from llmtp.common.model.quantize import (as_float32, check_group_size, default_group_size, group_size_problem,
-                       quantize_q80, valid_group_sizes)
-from llmtp.common.model.weights import LAYER_FIELDS, LayerWeights, ModelWeights, QuantizedMatrix
+                       valid_group_sizes)
+from llmtp.common.model.tensors import (LAYER_MATRICES, LAYER_TENSORS, LAYER_VECTORS, TENSOR, layer_key,
+                                       stored_keys, table_name)
+from llmtp.common.model.weights import LayerWeights, ModelWeights
 
 __all__ = ["Checkpoint", "TensorSpec", "load_checkpoint", "write_checkpoint", "convert_checkpoint",
            "describe_checkpoint", "tensor_layout", "checkpoint_size",
@@ -79,34 +84,33 @@ class TensorSpec:
         return prod(self.shape)
 
     def n_bytes(self, group_size: int | None) -> int:
-        if self.encoding == "q8_0":
-            return self.size + 4 * (self.size // group_size)
-        return 4 * self.size
+        if self.encoding == "rope" or len(self.shape) == 1:
+            return 4 * self.size
+        return packed_nbytes(_matrix_encoding(self, group_size), self.shape)
+
+
+# llama2.c's file orders in tensor-table names (common/model/tensors.py): a per-layer name stands
+# for that tensor in every layer, layer 0 first; the classifier is stored only when separate.
+ROPE_TABLES = ("rope_cos", "rope_sin")  # version 0 only: (seq_len, head_dim / 2) fp32 each
+LLAMA2C_ORDERS = {
+    0: ("token_embedding", *LAYER_TENSORS, "final_norm", *ROPE_TABLES, "classifier"),
+    1: (*LAYER_VECTORS, "final_norm", "token_embedding", *LAYER_MATRICES, "classifier"),
+}
+LLAMA2C_ORDERS[2] = LLAMA2C_ORDERS[1]
 
 
 def tensor_layout(config: ModelConfig, version: int) -> list[TensorSpec]:
-    """Every tensor of a version-`version` file, in file order."""
-    dim, hidden, kv_dim = config.dim, config.hidden_dim, config.kv_dim
+    """Every tensor of a version-`version` file, in file order; shapes from the tensor table."""
     matrix = "q8_0" if version == 2 else "f32"
-    shapes = {"attn_norm": (dim,), "ffn_norm": (dim,), "wq": (dim, dim), "wk": (kv_dim, dim),
-              "wv": (kv_dim, dim), "wo": (dim, dim), "w1": (hidden, dim), "w2": (dim, hidden),
-              "w3": (hidden, dim)}
-
-    def every_layer(*names: str) -> list[TensorSpec]:  # one name for all layers, then the next
-        return [TensorSpec(f"layers.{i}.{name}", shapes[name], "f32" if name.endswith("norm") else matrix)
-                for name in names for i in range(config.n_layers)]
-
-    embedding = [TensorSpec("token_embedding", (config.vocab_size, dim), matrix)]
-    final_norm = [TensorSpec("final_norm", (dim,), "f32")]
-    classifier = [] if config.shared_classifier else [
-        TensorSpec("classifier", (config.vocab_size, dim), matrix)]
-    if version == 0:
-        rope = [TensorSpec(name, (config.seq_len, config.head_dim // 2), "rope")
-                for name in ("rope_cos", "rope_sin")]
-        return (embedding + every_layer("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3")
-                + final_norm + rope + classifier)
-    return (every_layer("attn_norm", "ffn_norm") + final_norm + embedding
-            + every_layer("wq", "wk", "wv", "wo", "w1", "w2", "w3") + classifier)
+    layout = []
+    for key in stored_keys(config, LLAMA2C_ORDERS[version]):
+        name = table_name(key)
+        if name in ROPE_TABLES:
+            layout.append(TensorSpec(key, (config.seq_len, config.head_dim // 2), "rope"))
+        else:
+            info = TENSOR[name]
+            layout.append(TensorSpec(key, info.shape(config), matrix if info.is_matrix else "f32"))
+    return layout
 
 
 def checkpoint_size(config: ModelConfig, version: int, group_size: int | None = None) -> int:
@@ -186,16 +190,20 @@ def _parse_v1_header(path: Path, head: bytes, n_bytes: int) -> tuple[int, ModelC
 
 
 def _view(buffer: mmap.mmap, offset: int, spec: TensorSpec, group_size: int | None):
-    """A read-only array (or QuantizedMatrix of two arrays) over the mapped bytes at `offset`."""
-    if spec.encoding == "q8_0":
-        values = np.frombuffer(buffer, np.int8, spec.size, offset).reshape(spec.shape)
-        scales = np.frombuffer(buffer, "<f4", spec.size // group_size, offset + spec.size)
-        return QuantizedMatrix(values=values, scales=scales, group_size=group_size)
+    """A read-only vector or Matrix over the mapped bytes at `offset`."""
+    if len(spec.shape) == 2:
+        return read_packed(buffer, offset, _matrix_encoding(spec, group_size), spec.shape)[0]
     return np.frombuffer(buffer, "<f4", spec.size, offset).reshape(spec.shape)
 
 
+def _matrix_encoding(spec: TensorSpec, group_size: int | None) -> Encoding:
+    if spec.encoding == "q8_0":
+        return Encoding(GroupedQ8Matrix.type_tag, {"group_size": group_size})
+    return Encoding(F32Matrix.type_tag)
+
+
 def _assemble(config: ModelConfig, tensors: dict) -> ModelWeights:
-    layers = [LayerWeights(**{name: tensors[f"layers.{i}.{name}"] for name in LAYER_FIELDS})
+    layers = [LayerWeights(**{name: tensors[layer_key(i, name)] for name in LAYER_TENSORS})
               for i in range(config.n_layers)]
     embedding = tensors["token_embedding"]
     classifier = embedding if config.shared_classifier else tensors["classifier"]
@@ -257,8 +265,9 @@ def _output_group_size(config: ModelConfig, weights: ModelWeights, version: int,
             raise ConfigError(f"group size {group_size} applies only to version 2, not version {version}")
         return None
     if group_size is None:
-        source = weights.token_embedding
-        group_size = source.group_size if isinstance(source, QuantizedMatrix) else default_group_size(config)
+        source = weights.token_embedding.encoding  # keep a quantized source's group size
+        group_size = source.params["group_size"] if source.type == GroupedQ8Matrix.type_tag \
+            else default_group_size(config)
     check_group_size(config, group_size)
     return group_size
 
@@ -277,13 +286,13 @@ def _encode_header(config: ModelConfig, version: int, group_size: int | None) ->
 def _write_tensor(out, spec: TensorSpec, tensor, group_size: int | None) -> None:
     if tuple(tensor.shape) != spec.shape:
         raise ValueError(f"{spec.name}: shape {tuple(tensor.shape)}, config implies {spec.shape}")
-    if spec.encoding != "q8_0":
+    if len(spec.shape) == 1 or spec.encoding == "rope":
         out.write(np.ascontiguousarray(as_float32(tensor), dtype="<f4").data)
         return
-    if not (isinstance(tensor, QuantizedMatrix) and tensor.group_size == group_size):
-        tensor = quantize_q80(as_float32(tensor), group_size)
-    out.write(np.ascontiguousarray(tensor.values, dtype=np.int8).data)
-    out.write(np.ascontiguousarray(tensor.scales, dtype="<f4").data)
+    encoding = _matrix_encoding(spec, group_size)
+    stored = encode_as(as_matrix(tensor), encoding)  # itself when already so stored: a v2 rewrite is bit-identical
+    for part, array in zip(type(stored).layout(spec.shape, encoding.params), stored.parts(), strict=True):
+        out.write(np.ascontiguousarray(array, dtype=part.dtype).data)
 
 
 def convert_checkpoint(in_path: str | os.PathLike, out_path: str | os.PathLike, version: int,

@@ -196,8 +196,8 @@ def config_from_dict(data, where: str) -> ModelConfig:
 def spec_from_dict(data, config: ModelConfig, where: str) -> SliceSpec:
     """A SliceSpec whose ranges lie inside the model and whose kv heads serve its heads."""
     try:
-        spec = SliceSpec.from_dict(data)
-        ranges = {unit: tuple(spec.unit_range(unit)) for unit in ("heads", "kv_heads", "hidden", "vocab")}
+        spec = SliceSpec.from_dict(data, config.n_layers)
+        ranges = {unit: tuple(spec.unit_range(unit)) for unit in ("heads", "kv_heads", "hidden", "vocab", "layers")}
         valid = (is_count(spec.index) and is_count(spec.count) and spec.index < spec.count
                  and all(len(r) == 2 and all(is_count(n) for n in r) for r in ranges.values()))
     except (TypeError, KeyError, ValueError):
@@ -205,10 +205,13 @@ def spec_from_dict(data, config: ModelConfig, where: str) -> SliceSpec:
     if not valid:
         raise FormatError(f"{where}: spec {data!r} is not a valid slice spec")
     totals = {"heads": config.n_heads, "kv_heads": config.n_kv_heads, "hidden": config.hidden_dim,
-              "vocab": config.vocab_size}
+              "vocab": config.vocab_size, "layers": config.n_layers}
     for unit, (start, stop) in ranges.items():
         if not start <= stop <= totals[unit]:
             raise FormatError(f"{where}: spec.{unit} {start}..{stop} is outside 0..{totals[unit]}")
+    if spec.layers != (0, config.n_layers):
+        raise FormatError(f"{where}: spec.layers {spec.layers[0]}..{spec.layers[1]} is not all "
+                          f"{config.n_layers} layers (pipeline stages are not supported yet)")
     first, stop = spec.heads
     needed_kv = (first // config.kv_mul, (stop - 1) // config.kv_mul + 1)
     if stop <= first or spec.kv_heads != needed_kv:

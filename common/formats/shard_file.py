@@ -1,17 +1,21 @@
-"""Shard files: one worker's weights, cut by SPLIT_TABLE and memory-mapped back.
+"""Shard files: one worker's weights, cut as the tensor table says and memory-mapped back.
 
 A shard file (also used for the coordinator's embedding table):
 
   bytes 0..8    b"LLMTPSHD"
   bytes 8..12   uint32 SHARD_FORMAT_VERSION (little-endian)
   bytes 12..16  uint32 length of the msgpack header that follows
-  header        {kind, config, spec, model_sha256, group_size, tensors: [{name, dtype, shape, offset}]}
+  header        {kind, config, spec, model_sha256, group_size, encodings: {matrix name: {type, ...params}},
+                 tensors: [{name, dtype, shape, offset}]}
   data          each tensor as raw little-endian C-order bytes at a 64-byte-aligned absolute
                 offset; the file ends exactly where the last tensor ends.
 
-An fp32 matrix is one tensor (`layers.3.wq`); an int8 matrix is two (`layers.3.wq.values`,
-`layers.3.wq.scales`). Column slices (wo, w2) are copied into contiguous blocks when
-written, so a worker's arrays are plain C-contiguous views of the mapped file.
+A matrix is stored as the parts its type names (common/model/matrices.py): an fp32 matrix
+is one tensor (`layers.3.wq`), an int8 one two (`layers.3.wq.values`, `layers.3.wq.scales`);
+the header's `encodings` maps each matrix name to its type tag and parameters (files written
+before it existed are read as fp32 or int8 by the tensors present). Column slices (wo, w2)
+are copied into contiguous blocks when written, so a worker's arrays are plain C-contiguous
+views of the mapped file.
 
 write_shards cuts a checkpoint for n workers (common/slicing.py) and writes one shard file
 per worker, embedding.bin and the `manifest.json` that lists them (common/manifest.py).
@@ -22,7 +26,7 @@ import hashlib
 import math
 import mmap
 import os
-import sys
+import sys  # noqa: F401  (Progress writes to sys.stderr; tests patch it through here)
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +36,15 @@ import numpy as np
 from llmtp.common.model.config import ModelConfig
 from llmtp.common.errors import FormatError
 from .mapping import map_readonly
+from .progress import Progress
 from .manifest import (SHA256_PATTERN, FileEntry, Manifest, ShardEntry, config_from_dict, group_size_from, is_count,
                        load_manifest, manifest_dict, sha256_file, spec_from_dict, write_manifest)
-from llmtp.common.model.slicing import check_group_alignment, local_shape, named_matrices, slice_weights
+from llmtp.common.model.matrices import MATRIX_TYPES, Encoding, F32Matrix, Matrix
+from llmtp.common.model.q8_grouped import GroupedQ8Matrix
+from llmtp.common.model.slicing import check_cuts, column_granule, local_shape, named_matrices, slice_weights
 from llmtp.common.model.split import SliceSpec, plan_split
-from llmtp.common.model.weights import LAYER_FIELDS, LayerWeights, Matrix, QuantizedMatrix, ShardWeights
+from llmtp.common.model.tensors import LAYER_TENSORS, TENSOR, layer_key, table_name
+from llmtp.common.model.weights import LayerWeights, ShardWeights
 
 SHARD_MAGIC = b"LLMTPSHD"
 SHARD_FORMAT_VERSION = 1
@@ -45,7 +53,7 @@ ALIGNMENT = 64
 PRELUDE = 16  # magic, format version, header length
 PROGRESS_MIN_BYTES = 100 * 1000 * 1000
 
-DTYPES = {"float32": np.dtype("<f4"), "int8": np.dtype("i1")}
+DTYPES = {"float32": np.dtype("<f4"), "int8": np.dtype("i1"), "uint8": np.dtype("u1")}
 
 
 def shard_file_name(index: int, count: int) -> str:
@@ -54,10 +62,18 @@ def shard_file_name(index: int, count: int) -> str:
 
 # --- writing ------------------------------------------------------------------------------
 
-def _file_arrays(name: str, matrix: Matrix) -> list[tuple[str, np.ndarray, np.dtype]]:
-    if isinstance(matrix, QuantizedMatrix):
-        return [(f"{name}.values", matrix.values, DTYPES["int8"]), (f"{name}.scales", matrix.scales, DTYPES["float32"])]
-    return [(name, matrix, DTYPES["float32"])]
+def _file_arrays(name: str, tensor) -> list[tuple[str, np.ndarray, np.dtype]]:
+    """(file name, array, dtype) of each stored part of a matrix, or of a float32 vector."""
+    if not isinstance(tensor, Matrix):
+        return [(name, tensor, DTYPES["float32"])]
+    layout = type(tensor).layout(tensor.shape, tensor.encoding.params)
+    return [(name + part.suffix, array, part.dtype) for part, array in zip(layout, tensor.parts(), strict=True)]
+
+
+def _contents(named: list[tuple[str, object]]) -> tuple[dict, list]:
+    """(the header's encodings map, the arrays to write) of named tensors."""
+    encodings = {name: tensor.encoding.to_dict() for name, tensor in named if isinstance(tensor, Matrix)}
+    return encodings, [entry for name, tensor in named for entry in _file_arrays(name, tensor)]
 
 
 def _align(offset: int) -> int:
@@ -123,41 +139,7 @@ def _write_tensor_file(path: Path, header: dict, arrays: list[tuple[str, np.ndar
 def _file_header(kind: str, config: ModelConfig, spec: SliceSpec | None, model_sha256: str,
                  group_size: int | None) -> dict:
     return {"kind": kind, "config": dataclasses.asdict(config), "spec": spec.to_dict() if spec else None,
-            "model_sha256": model_sha256, "group_size": group_size, "tensors": []}
-
-
-class _Progress:
-    """`\r[#####.....] 45% shard 2/4` on a terminal; into a log (a large model only) a line
-    per quarter, so the log does not fill with carriage returns."""
-
-    WIDTH = 30
-    LOG_STEP = 25  # percent
-
-    def __init__(self, total_bytes: int, enabled: bool):
-        self.total = max(total_bytes, 1)
-        self.terminal = sys.stderr.isatty()
-        self.enabled = enabled and (self.terminal or total_bytes > PROGRESS_MIN_BYTES)
-        self.done, self.label, self.shown = 0, "", None
-
-    def advance(self, n_bytes: int) -> None:
-        self.done += n_bytes
-        percent = min(100, self.done * 100 // self.total)
-        # What the reader sees changes with each percent and label on a terminal, each quarter in a log.
-        seen = (percent, self.label) if self.terminal else percent // self.LOG_STEP
-        if not self.enabled or seen == self.shown:
-            return
-        if self.terminal:
-            filled = percent * self.WIDTH // 100
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (self.WIDTH - filled)}] {percent:3d}% {self.label}")
-        else:
-            sys.stderr.write(f"shard: {percent}% written ({self.label})\n")
-        sys.stderr.flush()
-        self.shown = seen
-
-    def finish(self) -> None:
-        if self.enabled and self.terminal and self.shown is not None:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+            "model_sha256": model_sha256, "group_size": group_size, "encodings": {}, "tensors": []}
 
 
 def write_shards(checkpoint, n_workers: int, out_dir: str | Path, model_sha256: str | None = None,
@@ -166,30 +148,34 @@ def write_shards(checkpoint, n_workers: int, out_dir: str | Path, model_sha256: 
     embedding.bin and manifest.json into `out_dir`."""
     config, weights = checkpoint.config, checkpoint.weights
     group_size = checkpoint.group_size or None
-    specs = plan_split(config, n_workers, group_size or 1)
+    specs = plan_split(config, n_workers, column_granule(weights))
     for spec in specs:  # refuse before writing anything
-        check_group_alignment(config, spec, group_size)
+        check_cuts(weights, config, spec)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if model_sha256 is None:
         model_sha256 = sha256_file(checkpoint.path)
 
-    def shard_arrays(spec):  # views of the checkpoint, made per file so only one shard's are alive
-        return [entry for name, matrix in named_matrices(slice_weights(weights, spec, config))
-                for entry in _file_arrays(name, matrix)]
+    def file_contents(kind: str, spec: SliceSpec | None, named) -> tuple[dict, list]:
+        header = _file_header(kind, config, spec, model_sha256, group_size)
+        header["encodings"], arrays = _contents(list(named))
+        return header, arrays
 
+    # views of the checkpoint, made per file so only one shard's are alive
     jobs = [(shard_file_name(spec.index, n_workers), f"shard {spec.index + 1}/{n_workers}",
-             _file_header("shard", config, spec, model_sha256, group_size), lambda spec=spec: shard_arrays(spec))
+             lambda spec=spec: file_contents("shard", spec, named_matrices(slice_weights(weights, spec, config),
+                                                                             spec.layers[0])))
             for spec in specs]
-    jobs.append((EMBEDDING_NAME, "embedding", _file_header("embedding", config, None, model_sha256, group_size),
-                 lambda: _file_arrays("token_embedding", weights.token_embedding)))
+    jobs.append((EMBEDDING_NAME, "embedding",
+                 lambda: file_contents("embedding", None, [("token_embedding", weights.token_embedding)])))
 
-    bar = _Progress(sum(_layout(header, make_arrays())[1] for _, _, header, make_arrays in jobs), progress)
+    bar = Progress(sum(_layout(*make_contents())[1] for _, _, make_contents in jobs), progress,
+                   PROGRESS_MIN_BYTES)
     written = {}
     try:
-        for file_name, label, header, make_arrays in jobs:
+        for file_name, label, make_contents in jobs:
             bar.label = label
-            written[file_name] = _write_tensor_file(out_dir / file_name, header, make_arrays(), bar.advance)
+            written[file_name] = _write_tensor_file(out_dir / file_name, *make_contents(), bar.advance)
     finally:
         bar.finish()
 
@@ -287,26 +273,58 @@ def _tensor_entry(path: Path, number: int, entry) -> tuple[str, np.dtype, tuple[
     return name, DTYPES[dtype], tuple(shape), offset
 
 
-def _take_matrix(arrays: dict, name: str, shape: tuple, group_size: int | None, path: Path) -> Matrix:
-    """Pop the fp32 tensor `name`, or the int8 pair `name.values`/`name.scales`, checking shapes."""
-    if name in arrays:
-        array = arrays.pop(name)
-        if array.dtype != DTYPES["float32"] or array.shape != shape:
-            raise FormatError(f"{path}: tensor {name} is {array.dtype} {array.shape}, expected float32 {shape}")
-        return array
+def _file_encodings(header: dict, path: Path) -> dict | None:
+    """The header's matrix name -> type map; None for a file written before there was one."""
+    encodings = header.get("encodings")
+    if encodings is None:
+        return None
+    if not isinstance(encodings, dict):
+        raise FormatError(f"{path}: header 'encodings' is not a map")
+    return encodings
+
+
+def _encoding_of(arrays: dict, name: str, encodings: dict | None, group_size: int | None, path: Path) -> Encoding:
+    if encodings is not None:
+        if name not in encodings:
+            raise FormatError(f"{path}: header 'encodings' has no entry for tensor {name}")
+        return Encoding.from_dict(encodings[name], f"{path}: encodings[{name!r}]")
+    if name in arrays:  # before the encodings map: fp32 under the name, int8 as .values/.scales
+        return Encoding(F32Matrix.type_tag)
     if f"{name}.values" not in arrays or f"{name}.scales" not in arrays:
         raise FormatError(f"{path}: tensor {name} is missing")
-    values, scales = arrays.pop(f"{name}.values"), arrays.pop(f"{name}.scales")
-    if group_size is None or len(shape) != 2 or shape[1] % group_size:
-        raise FormatError(f"{path}: tensor {name} is int8 but the header's group_size {group_size} "
-                          f"does not divide its rows of {shape[-1]}")
-    scales_shape = (int(np.prod(shape)) // group_size,)
-    if values.dtype != DTYPES["int8"] or values.shape != shape:
-        raise FormatError(f"{path}: tensor {name}.values is {values.dtype} {values.shape}, expected int8 {shape}")
-    if scales.dtype != DTYPES["float32"] or scales.shape != scales_shape:
-        raise FormatError(f"{path}: tensor {name}.scales is {scales.dtype} {scales.shape}, "
-                          f"expected float32 {scales_shape}")
-    return QuantizedMatrix(values=values, scales=scales, group_size=group_size)
+    if group_size is None:
+        raise FormatError(f"{path}: tensor {name} is int8 but the header's group_size is null")
+    return Encoding(GroupedQ8Matrix.type_tag, {"group_size": group_size})
+
+
+def _take_matrix(arrays: dict, name: str, shape: tuple, encodings: dict | None, group_size: int | None,
+                 path: Path) -> Matrix:
+    """Pop the parts of matrix `name` (as its encoding names them), checking dtypes and shapes."""
+    encoding = _encoding_of(arrays, name, encodings, group_size, path)
+    cls = MATRIX_TYPES[encoding.type]
+    problem = cls.params_problem(shape, encoding.params)
+    if problem:
+        raise FormatError(f"{path}: tensor {name} is {encoding.type} but {problem}")
+    parts = []
+    for part in cls.layout(shape, encoding.params):
+        part_name = name + part.suffix
+        if part_name not in arrays:
+            raise FormatError(f"{path}: tensor {part_name} is missing")
+        array = arrays.pop(part_name)
+        if array.dtype != part.dtype or array.shape != part.shape:
+            raise FormatError(f"{path}: tensor {part_name} is {array.dtype} {array.shape}, "
+                              f"expected {part.dtype.name} {part.shape}")
+        parts.append(array)
+    return cls.from_parts(shape, encoding.params, parts)
+
+
+def _take_vector(arrays: dict, name: str, shape: tuple, path: Path) -> np.ndarray:
+    if name not in arrays:
+        raise FormatError(f"{path}: tensor {name} is missing")
+    array = arrays.pop(name)
+    if array.dtype != DTYPES["float32"] or array.shape != shape:
+        raise FormatError(f"{path}: tensor {name} is {array.dtype} {array.shape}, expected float32 {shape}")
+    return array
 
 
 def _check_kind(path: Path, header: dict, kind: str) -> None:
@@ -324,14 +342,18 @@ def load_shard(path: str | Path) -> Shard:
     config = config_from_dict(header["config"], str(path))
     spec = spec_from_dict(header["spec"], config, str(path))
     group_size = group_size_from(header["group_size"], str(path))
+    encodings = _file_encodings(header, path)
 
-    def take(file_name: str, table_name: str) -> Matrix:
-        return _take_matrix(arrays, file_name, local_shape(table_name, config, spec), group_size, path)
+    def take(key: str):
+        name = table_name(key)
+        shape = local_shape(name, config, spec)
+        if not TENSOR[name].is_matrix:
+            return _take_vector(arrays, key, shape, path)
+        return _take_matrix(arrays, key, shape, encodings, group_size, path)
 
-    layers = [LayerWeights(**{name: take(f"layers.{index}.{name}", name) for name in LAYER_FIELDS})
-              for index in range(config.n_layers)]
-    weights = ShardWeights(layers=layers, final_norm=take("final_norm", "final_norm"),
-                           classifier=take("classifier", "classifier"))
+    layers = [LayerWeights(**{name: take(layer_key(index, name)) for name in LAYER_TENSORS})
+              for index in range(*spec.layers)]
+    weights = ShardWeights(layers=layers, final_norm=take("final_norm"), classifier=take("classifier"))
     if arrays:
         raise FormatError(f"{path}: unexpected tensors {', '.join(sorted(arrays))}")
     return Shard(path=path, config=config, spec=spec, weights=weights, model_sha256=header["model_sha256"],
@@ -339,7 +361,7 @@ def load_shard(path: str | Path) -> Shard:
 
 
 def load_embedding(manifest: Manifest | str | Path) -> Matrix:
-    """The token embedding table, memory-mapped: (vocab_size, dim) float32 or QuantizedMatrix."""
+    """The token embedding table, memory-mapped, as a Matrix of the file's storage type."""
     if not isinstance(manifest, Manifest):
         manifest = load_manifest(manifest)
     path = manifest.embedding_path
@@ -353,7 +375,8 @@ def load_embedding(manifest: Manifest | str | Path) -> Matrix:
     if config != manifest.config:
         raise FormatError(f"{path}: config differs from the manifest's")
     group_size = group_size_from(header["group_size"], str(path))
-    matrix = _take_matrix(arrays, "token_embedding", (config.vocab_size, config.dim), group_size, path)
+    matrix = _take_matrix(arrays, "token_embedding", TENSOR["token_embedding"].shape(config),
+                          _file_encodings(header, path), group_size, path)
     if arrays:
         raise FormatError(f"{path}: unexpected tensors {', '.join(sorted(arrays))}")
     return matrix

@@ -6,21 +6,12 @@ use T for tokens in the step, H for heads, D for head_dim.
 
 import numpy as np
 
-from .weights import Matrix, QuantizedMatrix
 
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x: (T, dim) -> weight * x / sqrt(mean(x^2) + eps), row by row."""
     mean_square = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)
     return weight * (x * (1.0 / np.sqrt(mean_square + np.float32(eps))))
-
-
-def matmul(x: np.ndarray, weight: Matrix, scratch: np.ndarray | None = None) -> np.ndarray:
-    """x: (T, in) @ weight.T, weight (out, in). Int8 weights are expanded into `scratch`
-    first, so a v2 model computes exactly what its dequantized fp32 twin does."""
-    if isinstance(weight, QuantizedMatrix):
-        weight = weight.dequantize(out=scratch)
-    return x @ weight.T
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:

@@ -11,9 +11,9 @@ import numpy as np
 
 from .config import ModelConfig
 from llmtp.common.errors import ConfigError
-from .weights import QuantizedMatrix
+from .matrices import Matrix
+from .q8_grouped import GroupedQ8Matrix
 
-Q_MAX = 127.0
 MAX_DEFAULT_GROUP_SIZE = 64
 
 
@@ -51,20 +51,13 @@ def check_group_size(config: ModelConfig, group_size: int) -> None:
         raise ConfigError(f"{problem}; allowed group sizes: {allowed}")
 
 
-def quantize_q80(w: np.ndarray, group_size: int) -> QuantizedMatrix:
+def quantize_q80(w: np.ndarray, group_size: int) -> GroupedQ8Matrix:
     """(rows, cols) float -> Q8_0, computed in float32 like llama2.c's export.py quantize_q80."""
-    rows, cols = w.shape
-    assert cols % group_size == 0, f"cols {cols} not divisible by group_size {group_size}"
-    groups = np.asarray(w, dtype=np.float32).reshape(-1, group_size)
-    scales = (np.abs(groups).max(axis=1) / np.float32(Q_MAX)).astype(np.float32)
-    # an all-zero group has scale 0: store zeros instead of 0/0
-    safe = np.where(scales > 0, scales, np.float32(1.0))
-    values = np.rint(groups / safe[:, None]).astype(np.int8)
-    return QuantizedMatrix(values=values.reshape(rows, cols), scales=scales, group_size=group_size)
+    return GroupedQ8Matrix.from_float(w, {"group_size": group_size})
 
 
-def as_float32(matrix) -> np.ndarray:
-    """An fp32 array for either an ndarray or a QuantizedMatrix (dequantized)."""
-    if isinstance(matrix, QuantizedMatrix):
-        return matrix.dequantize()
-    return np.asarray(matrix, dtype=np.float32)
+def as_float32(tensor) -> np.ndarray:
+    """A float32 array for a Matrix of any storage (dequantized) or a vector."""
+    if isinstance(tensor, Matrix):
+        return tensor.dequantize()
+    return np.asarray(tensor, dtype=np.float32)

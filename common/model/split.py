@@ -1,39 +1,25 @@
-"""How the model is cut across workers (Megatron-style tensor parallelism).
+"""How the model is cut across workers: each worker's share of heads, FFN units and vocabulary.
 
-Column-parallel weights (wq, wk, wv, w1, w3, classifier) keep a worker's output
-rows; row-parallel weights (wo, w2) keep its input columns and end in one sum
-over workers. SPLIT_TABLE is the single statement of that rule: the shard writer,
-the worker loader and the tests all read it.
-
-  attention:  Y = concat_w(softmax(Q_w K_w^T) V_w) @ Wo^T = sum_w (attn_w @ Wo_w^T)
-  ffn:        Y = sum_w (silu(X W1_w^T) * (X W3_w^T)) @ W2_w^T
-  logits:     L = concat_w(X C_w^T)
+Which tensor is cut along which axis, in which unit, is the tensor table's (common/model/
+tensors.py); SPLIT_TABLE is that rule as a name -> (axis, unit) map of the tensors in shards.
 """
 
 from dataclasses import dataclass
 
 from .config import ModelConfig
 from llmtp.common.errors import ConfigError
+from .tensors import SHARD_TENSORS
 
 # name -> (axis cut, what the cut is measured in). Axis 0 = rows (outputs), 1 = columns (inputs).
-SPLIT_TABLE = {
-    "attn_norm": (None, None),
-    "wq": (0, "heads"),
-    "wk": (0, "kv_heads"),
-    "wv": (0, "kv_heads"),
-    "wo": (1, "heads"),
-    "ffn_norm": (None, None),
-    "w1": (0, "hidden"),
-    "w2": (1, "hidden"),
-    "w3": (0, "hidden"),
-    "final_norm": (None, None),
-    "classifier": (0, "vocab"),
-}
+SPLIT_TABLE = {info.name: (info.cut_axis, info.cut_unit) for info in SHARD_TENSORS}
 
 
 @dataclass(frozen=True)
 class SliceSpec:
-    """The share of one worker, as [start, stop) ranges of global indices."""
+    """The share of one worker, as [start, stop) ranges of global indices.
+
+    `layers` is the range of layers it runs: every layer for now (tensor parallelism only);
+    a pipeline stage will hold a part of them."""
 
     index: int
     count: int
@@ -41,6 +27,11 @@ class SliceSpec:
     kv_heads: tuple[int, int]
     hidden: tuple[int, int]
     vocab: tuple[int, int]
+    layers: tuple[int, int]
+
+    @property
+    def n_layers_local(self) -> int:
+        return self.layers[1] - self.layers[0]
 
     @property
     def n_heads_local(self) -> int:
@@ -70,17 +61,21 @@ class SliceSpec:
         return groups
 
     def unit_range(self, unit: str) -> tuple[int, int]:
-        """The [start, stop) range of `unit` ("heads", "kv_heads", "hidden", "vocab")."""
+        """The [start, stop) range of `unit` ("heads", "kv_heads", "hidden", "vocab", "layers")."""
         return getattr(self, unit)
 
     def to_dict(self) -> dict:
         return {"index": self.index, "count": self.count, "heads": list(self.heads),
-                "kv_heads": list(self.kv_heads), "hidden": list(self.hidden), "vocab": list(self.vocab)}
+                "kv_heads": list(self.kv_heads), "hidden": list(self.hidden), "vocab": list(self.vocab),
+                "layers": list(self.layers)}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SliceSpec":
+    def from_dict(cls, data: dict, n_layers: int) -> "SliceSpec":
+        """`n_layers`: the model's, the layer range of a spec written before specs named one."""
+        layers = tuple(data["layers"]) if "layers" in data else (0, n_layers)
         return cls(index=data["index"], count=data["count"], heads=tuple(data["heads"]),
-                   kv_heads=tuple(data["kv_heads"]), hidden=tuple(data["hidden"]), vocab=tuple(data["vocab"]))
+                   kv_heads=tuple(data["kv_heads"]), hidden=tuple(data["hidden"]), vocab=tuple(data["vocab"]),
+                   layers=layers)
 
 
 def split_evenly(total: int, parts: int, granule: int = 1) -> list[tuple[int, int]]:
@@ -122,5 +117,6 @@ def plan_split(config: ModelConfig, n_workers: int, group_size: int = 1) -> list
         first_head, stop_head = head_ranges[index]
         kv_heads = (first_head // config.kv_mul, (stop_head - 1) // config.kv_mul + 1)
         specs.append(SliceSpec(index=index, count=n_workers, heads=head_ranges[index], kv_heads=kv_heads,
-                               hidden=hidden_ranges[index], vocab=vocab_ranges[index]))
+                               hidden=hidden_ranges[index], vocab=vocab_ranges[index],
+                               layers=(0, config.n_layers)))
     return specs

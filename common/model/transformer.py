@@ -12,9 +12,10 @@ import numpy as np
 
 from .config import ModelConfig
 from llmtp.common.errors import ProtocolError
-from .ops import apply_rope, attention, matmul, rmsnorm, rope_rotations, silu
+from .matrices import Matrix, stack_rows
+from .ops import apply_rope, attention, rmsnorm, rope_rotations, silu
 from .split import SliceSpec
-from .weights import LAYER_MATRICES, QuantizedMatrix, ShardWeights, stacked_view
+from .weights import ShardWeights
 
 AllReduce = Callable[[np.ndarray], np.ndarray]
 
@@ -66,13 +67,14 @@ class SliceModel:
         self.config = config
         self.spec = spec
         self.weights = weights
-        self.cache = KVCache(config.n_layers, n_slots, spec.n_kv_heads_local, config.seq_len, config.head_dim)
+        assert len(weights.layers) == spec.n_layers_local, (len(weights.layers), spec.layers)
+        self.cache = KVCache(spec.n_layers_local, n_slots, spec.n_kv_heads_local, config.seq_len, config.head_dim)
         self.rope_rotations = rope_rotations(config.seq_len, config.head_dim, config.rope_theta)
         self.kv_groups = spec.kv_groups(config)
         self.heads_per_kv_head = _uniform_group_size(self.kv_groups)
-        self.dequant_scratch = _scratch_for_quantized(weights)
-        self.stacked_qkv = [stacked_view([layer.wq, layer.wk, layer.wv]) for layer in weights.layers]
-        self.stacked_w13 = [stacked_view([layer.w1, layer.w3]) for layer in weights.layers]
+        # q, k, v and then w1, w3 as one product each where their storage lies back to back
+        self.stacked_qkv = [stack_rows([layer.wq, layer.wk, layer.wv]) for layer in weights.layers]
+        self.stacked_w13 = [stack_rows([layer.w1, layer.w3]) for layer in weights.layers]
 
     def forward(self, x: np.ndarray, sequences: Sequence[StepSequence], allreduce: AllReduce = no_reduce,
                 all_logits: bool = False) -> np.ndarray:
@@ -83,7 +85,7 @@ class SliceModel:
         self.check_sequences(sequences, x.shape[0])
         positions = np.concatenate([np.arange(s.start_position, s.start_position + s.n_tokens)
                                     for s in sequences])
-        for layer_index in range(self.config.n_layers):
+        for layer_index in range(self.spec.n_layers_local):  # indices into this slice's layers
             x = x + allreduce(self.attention_partial(layer_index, x, sequences, positions))
             x = x + allreduce(self.ffn_partial(layer_index, x))
         if not all_logits:
@@ -100,7 +102,7 @@ class SliceModel:
         h = rmsnorm(x, layer.attn_norm, self.config.norm_eps)
         wqkv = self.stacked_qkv[layer_index]
         if wqkv is not None:  # one product for q, k and v
-            qkv = h @ wqkv.T
+            qkv = wqkv.matmul(h)
             q_cols, kv_cols = layer.wq.shape[0], layer.wk.shape[0]
             q, k, v = qkv[:, :q_cols], qkv[:, q_cols:q_cols + kv_cols], qkv[:, q_cols + kv_cols:]
         else:
@@ -140,7 +142,7 @@ class SliceModel:
         h = rmsnorm(x, layer.ffn_norm, self.config.norm_eps)
         w13 = self.stacked_w13[layer_index]
         if w13 is not None:  # one product for both halves of SwiGLU
-            both = h @ w13.T
+            both = w13.matmul(h)
             hidden = layer.w1.shape[0]
             gate = silu(both[:, :hidden])
             gate *= both[:, hidden:]
@@ -149,11 +151,8 @@ class SliceModel:
             gate *= self.matmul(h, layer.w3)
         return self.matmul(gate, layer.w2)
 
-    def matmul(self, x: np.ndarray, weight) -> np.ndarray:
-        if isinstance(weight, QuantizedMatrix):
-            scratch = self.dequant_scratch[: weight.values.size].reshape(weight.shape)
-            return matmul(x, weight, scratch)
-        return matmul(x, weight)
+    def matmul(self, x: np.ndarray, weight: Matrix) -> np.ndarray:
+        return weight.matmul(x)
 
     def check_sequences(self, sequences: Sequence[StepSequence], n_rows: int) -> None:
         """Reject a step that would index outside the cache (it may come off the network)."""
@@ -177,12 +176,3 @@ def _uniform_group_size(kv_groups: list[tuple[int, int, int]]) -> int | None:
     size = kv_groups[0][2] - kv_groups[0][1]
     uniform = all(first == kv_local * size and stop - first == size for kv_local, first, stop in kv_groups)
     return size if uniform else None
-
-
-def _scratch_for_quantized(weights: ShardWeights) -> np.ndarray | None:
-    """One float32 buffer as large as the largest int8 matrix, reused by every matmul."""
-    sizes = [getattr(layer, name).values.size for layer in weights.layers for name in LAYER_MATRICES
-             if isinstance(getattr(layer, name), QuantizedMatrix)]
-    if isinstance(weights.classifier, QuantizedMatrix):
-        sizes.append(weights.classifier.values.size)
-    return np.empty(max(sizes), dtype=np.float32) if sizes else None

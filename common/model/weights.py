@@ -1,51 +1,21 @@
-"""Weight containers: plain numpy arrays (often memory-mapped views) and int8 groups.
+"""Weight containers: norms as float32 vectors, matrices as Matrix objects (common/model/matrices.py).
 
 Matrices follow llama2.c's layout: (out_features, in_features), so y = x @ W.T.
 The whole model is a ShardWeights too: a worker's shard is the same structure
 with fewer rows (column-parallel wq/wk/wv/w1/w3/classifier) or fewer columns
-(row-parallel wo/w2), so one forward function serves both.
+(row-parallel wo/w2), so one forward function serves both. A plain float32 ndarray
+given for a matrix is taken as an F32Matrix view of the same memory.
 """
 
 from dataclasses import dataclass, fields
-from typing import Union
 
 import numpy as np
 
+from .matrices import Matrix, as_matrix, stacked_view
+from .tensors import LAYER_MATRICES, LAYER_TENSORS
 
-@dataclass
-class QuantizedMatrix:
-    """llama2.c Q8_0: int8 values, one float32 scale per `group_size` consecutive values.
-
-    values: (rows, cols) int8; scales: (rows * cols // group_size,) float32, in the
-    same row-major order as the values. w = values * scale (scale = max|w| / 127).
-    """
-
-    values: np.ndarray
-    scales: np.ndarray
-    group_size: int
-
-    @property
-    def shape(self) -> tuple:
-        return self.values.shape
-
-    def dequantize(self, out: np.ndarray | None = None) -> np.ndarray:
-        rows, cols = self.values.shape
-        if out is None:
-            out = np.empty((rows, cols), dtype=np.float32)
-        grouped = out.reshape(-1, self.group_size)
-        np.multiply(self.values.reshape(-1, self.group_size), self.scales.reshape(-1, 1), out=grouped)
-        return out
-
-    def dequantize_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Dequantize only the given rows (used for embedding lookups)."""
-        cols = self.values.shape[1]
-        groups_per_row = cols // self.group_size
-        values = self.values[rows].astype(np.float32).reshape(len(rows), groups_per_row, self.group_size)
-        scales = self.scales.reshape(-1, groups_per_row)[rows]
-        return (values * scales[:, :, None]).reshape(len(rows), cols)
-
-
-Matrix = Union[np.ndarray, QuantizedMatrix]
+__all__ = ["LayerWeights", "ShardWeights", "ModelWeights", "Matrix", "LAYER_FIELDS",
+           "LAYER_MATRICES", "embed_tokens", "stacked_view"]
 
 
 @dataclass
@@ -60,9 +30,13 @@ class LayerWeights:
     w2: Matrix  # (dim, hidden_local)
     w3: Matrix  # (hidden_local, dim)
 
+    def __post_init__(self):
+        for name in LAYER_MATRICES:
+            setattr(self, name, as_matrix(getattr(self, name)))
+
 
 LAYER_FIELDS = tuple(field.name for field in fields(LayerWeights))
-LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+assert LAYER_FIELDS == LAYER_TENSORS, "LayerWeights must hold the tensor table's per-layer tensors, in its order"
 
 
 @dataclass
@@ -73,6 +47,9 @@ class ShardWeights:
     final_norm: np.ndarray  # (dim,)
     classifier: Matrix  # (vocab_local, dim)
 
+    def __post_init__(self):
+        self.classifier = as_matrix(self.classifier)
+
 
 @dataclass
 class ModelWeights:
@@ -81,6 +58,11 @@ class ModelWeights:
     final_norm: np.ndarray  # (dim,)
     classifier: Matrix  # (vocab_size, dim); the same object as token_embedding when shared
 
+    def __post_init__(self):
+        shared = self.classifier is self.token_embedding
+        self.token_embedding = as_matrix(self.token_embedding)
+        self.classifier = self.token_embedding if shared else as_matrix(self.classifier)
+
     def as_shard(self) -> ShardWeights:
         return ShardWeights(layers=self.layers, final_norm=self.final_norm, classifier=self.classifier)
 
@@ -88,25 +70,6 @@ class ModelWeights:
         return embed_tokens(self.token_embedding, tokens)
 
 
-def stacked_view(matrices: list) -> np.ndarray | None:
-    """One (total rows, cols) read-only view over float32 matrices that lie back to back in
-    memory (a shard file stores wq, wk, wv and w1, w3 so), letting one BLAS call replace
-    several; None when they do not."""
-    if not all(isinstance(m, np.ndarray) and m.ndim == 2 and m.flags.c_contiguous for m in matrices):
-        return None
-    if len({(m.shape[1], m.dtype) for m in matrices}) != 1:
-        return None
-    if any(a.ctypes.data + a.nbytes != b.ctypes.data for a, b in zip(matrices, matrices[1:])):
-        return None
-    first = matrices[0]
-    rows = sum(m.shape[0] for m in matrices)
-    # The bytes past `first` are the next matrices' own, in the same mapping `first` keeps alive.
-    return np.lib.stride_tricks.as_strided(first, shape=(rows, first.shape[1]), strides=first.strides,
-                                           writeable=False)
-
-
 def embed_tokens(embedding: Matrix, tokens: np.ndarray) -> np.ndarray:
     """(T,) token ids -> (T, dim) float32 rows of the embedding table."""
-    if isinstance(embedding, QuantizedMatrix):
-        return embedding.dequantize_rows(tokens)
-    return np.asarray(embedding[tokens], dtype=np.float32)
+    return as_matrix(embedding).rows(tokens)

@@ -69,7 +69,8 @@ def run(args) -> int:
         sys.stdout.flush()
 
     try:
-        result = generate(engine, sampler, prompt_ids, steps, on_token=emit)
+        result = generate(engine, sampler, prompt_ids, steps, on_token=emit,
+                          stop_ids=(tokenizer.bos_id, tokenizer.eos_id))
     finally:
         sys.stdout.write(decoder.flush() + "\n")
         sys.stdout.flush()
