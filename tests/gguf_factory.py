@@ -122,6 +122,37 @@ def write_tokenizer_metadata(writer, tok: dict) -> None:
         writer.add_token_merges(tok["merges"])
     for key, method in (("bos_id", "add_bos_token_id"), ("eos_id", "add_eos_token_id"),
                         ("unk_id", "add_unk_token_id"), ("add_bos", "add_add_bos_token"),
-                        ("add_eos", "add_add_eos_token"), ("chat_template", "add_chat_template")):
+                        ("add_eos", "add_add_eos_token"), ("chat_template", "add_chat_template"),
+                        ("remove_extra_whitespaces", "add_remove_extra_whitespaces")):
         if key in tok:
             getattr(writer, method)(tok[key])
+
+
+def sentencepiece_metadata(model_path) -> dict:
+    """tokenizer.ggml.* for a SentencePiece .model as llama.cpp's converter writes it
+    (pieces with '▁', scores, token types, normalizer flags, BOS/EOS/UNK ids)."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
+    types = []
+    for i in range(sp.get_piece_size()):
+        types.append(6 if sp.is_byte(i) else 3 if sp.is_control(i) else 2 if sp.is_unknown(i)
+                     else 5 if sp.is_unused(i) else 1)
+    return {"model": "llama", "tokens": [sp.id_to_piece(i) for i in range(sp.get_piece_size())],
+            "scores": [sp.get_score(i) for i in range(sp.get_piece_size())], "token_types": types,
+            "bos_id": sp.bos_id(), "eos_id": sp.eos_id(), "unk_id": sp.unk_id(), "add_bos": True,
+            "remove_extra_whitespaces": sp.normalize("a  a ") in ("a\u2581a", "\u2581a\u2581a")}
+
+
+def tokenizer_json_metadata(tokenizer_json: dict, pre: str) -> dict:
+    """tokenizer.ggml.* for a byte-level BPE tokenizer.json, as llama.cpp's converter writes it."""
+    vocab = dict(tokenizer_json["model"]["vocab"])
+    added = {token["id"]: token for token in tokenizer_json["added_tokens"]}
+    for token_id, token in added.items():
+        vocab[token["content"]] = token_id
+    tokens = [None] * (max(vocab.values()) + 1)
+    for token, token_id in vocab.items():
+        tokens[token_id] = token
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer_json["model"]["merges"]]
+    types = [3 if i in added and added[i]["special"] else 4 if i in added else 1 for i in range(len(tokens))]
+    return {"model": "gpt2", "pre": pre, "tokens": tokens, "merges": merges, "token_types": types}

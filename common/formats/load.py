@@ -77,3 +77,16 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
 def _llama2c_types(checkpoint: Checkpoint) -> dict[str, str]:
     return {spec.name: "F32" if spec.encoding == "f32" else f"int8, group {checkpoint.group_size} (llama2.c)"
             for spec in tensor_layout(checkpoint.config, checkpoint.version) if spec.encoding != "rope"}
+
+
+def load_model_tokenizer(model: LoadedModel):
+    """The tokenizer a GGUF file or Hugging Face folder carries (an HfTokenizer); None for a
+    llama2.c file, whose tokenizer.bin / .model lies beside it (tokenizer.load_tokenizer)."""
+    if model.source_format == GGUF:
+        from .gguf_file import metadata
+        from .gguf_tokenizer import gguf_tokenizer
+        return gguf_tokenizer(metadata(model.source.reader, include_arrays=True), str(model.path))
+    if model.source_format == HUGGING_FACE:
+        from .hf_tokenizer import load_hf_tokenizer
+        return load_hf_tokenizer(model.path)
+    return None
