@@ -48,11 +48,12 @@ def stored_values(values: np.ndarray, ggml_type: str) -> np.ndarray:
 
 def write_gguf(path, config: ModelConfig, weights: ModelWeights, matrix_type: str = "F32",
                arch: str = "llama", extra: dict | None = None, tokenizer: dict | None = None,
-               embedding_type: str | None = None) -> Path:
+               embedding_type: str | None = None, encoder=None) -> Path:
     """A llama GGUF: norms F32, every matrix (embedding too, unless embedding_type) in matrix_type.
 
     extra: more metadata, key -> value (str, int, float, bool) or (GGUFValueType, value).
-    tokenizer: key -> value for tokenizer.ggml.* (see write_tokenizer_metadata)."""
+    tokenizer: key -> value for tokenizer.ggml.* (see write_tokenizer_metadata).
+    encoder: (name, float32 values, ggml_type) -> (array, raw_dtype) instead of `encode`."""
     import gguf
 
     path = Path(path)
@@ -72,7 +73,8 @@ def write_gguf(path, config: ModelConfig, weights: ModelWeights, matrix_type: st
         write_tokenizer_metadata(writer, tokenizer)
 
     def add(name: str, tensor, ggml_type: str) -> None:
-        data, raw_dtype = encode(as_float32(tensor), ggml_type)
+        data, raw_dtype = (encoder(name, as_float32(tensor), ggml_type) if encoder and ggml_type != "F32"
+                           else encode(as_float32(tensor), ggml_type))
         writer.add_tensor(name, data, raw_dtype=raw_dtype)
 
     add("token_embd.weight", weights.token_embedding, embedding_type or matrix_type)
@@ -156,3 +158,20 @@ def tokenizer_json_metadata(tokenizer_json: dict, pre: str) -> dict:
     merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer_json["model"]["merges"]]
     types = [3 if i in added and added[i]["special"] else 4 if i in added else 1 for i in range(len(tokens))]
     return {"model": "gpt2", "pre": pre, "tokens": tokens, "merges": merges, "token_types": types}
+
+
+def random_k_blocks(rng, shape: tuple[int, int], ggml_type: str) -> np.ndarray:
+    """(rows, bytes per row) uint8 of random Q4_K / Q6_K blocks with small finite fp16 scales
+    (gguf can dequantize K-quants but not make them)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    per_block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[ggml_type]]
+    n_blocks = shape[0] * shape[1] // per_block
+    blocks = rng.integers(0, 256, (n_blocks, block_bytes), dtype=np.uint8)
+    size = 0.002 if ggml_type == "Q4_K" else 0.0001  # Q6_K's int8 scales reach 127 times 32
+    scales = (rng.standard_normal((n_blocks, 2)) * size).astype(np.float16).view(np.uint8)
+    if ggml_type == "Q4_K":  # d, dmin first
+        blocks[:, 0:4] = scales
+    else:  # Q6_K: d last
+        blocks[:, block_bytes - 2:] = scales[:, :2]
+    return blocks.reshape(shape[0], -1)

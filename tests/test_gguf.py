@@ -15,7 +15,7 @@ from llmtp.common.model.config import ModelConfig  # noqa: E402
 from llmtp.coordinator.local_engine import LocalEngine  # noqa: E402
 from llmtp.common.model.transformer import StepSequence  # noqa: E402
 
-from gguf_factory import encode, stored_values, write_gguf  # noqa: E402
+from gguf_factory import encode, random_k_blocks, stored_values, write_gguf  # noqa: E402
 from model_factory import random_weights  # noqa: E402
 
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
@@ -91,6 +91,34 @@ def test_logits_equal_those_of_the_stored_weights(tmp_path, ggml_type):
                                logits(config, expected_weights, ids), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("ggml_type", ["Q4_K", "Q6_K"])
+def test_k_quant_decoder_matches_gguf_dequantize(ggml_type):
+    blocks = random_k_blocks(np.random.default_rng(11), (4, 512), ggml_type)
+    raw = RawTensor("t", ggml_type, (4, 512), blocks.reshape(-1))
+    theirs = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[ggml_type]).astype(np.float64)
+    assert np.abs(theirs).max() > 0.01
+    np.testing.assert_array_equal(to_float32(raw).astype(np.float64), theirs)
+
+
+@pytest.mark.parametrize("ggml_type", ["Q4_K", "Q6_K"])
+def test_k_quant_file(tmp_path, ggml_type):
+    """K-quants cover 256 values: a model whose every matrix row is whole blocks."""
+    config = small_config(dim=256, hidden_dim=256, n_heads=4, n_kv_heads=2)
+    rng = np.random.default_rng(5)
+    written = {}
+
+    def random_blocks(name, values, kind):
+        written[name] = random_k_blocks(rng, values.shape, kind)
+        return written[name], gguf.GGMLQuantizationType[kind]
+
+    path = write_gguf(tmp_path / "k.gguf", config, random_weights(config, 3), ggml_type, encoder=random_blocks)
+    model = read_gguf(path)
+    assert model.tensor_types["layers.0.w2"] == ggml_type
+    expected = gguf.quants.dequantize(written["blk.1.ffn_down.weight"], gguf.GGMLQuantizationType[ggml_type])
+    np.testing.assert_array_equal(model.weights.layers[1].w2, expected)
+    assert np.isfinite(logits(model.config, model.weights, [1, 2, 3])).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # broken and unsupported files: one line naming the file and the field
 
@@ -137,7 +165,7 @@ def test_unknown_tensor_type(tmp_path, good_file):
 
 def test_unsupported_tensor_type(tmp_path):
     config = small_config()
-    path = write_gguf(tmp_path / "q5.gguf", config, random_weights(config, 3), "Q5_0")
+    path = write_gguf(tmp_path / "q5.gguf", config, random_weights(config, 3), "Q5_0")  # gguf can make it
     with pytest.raises(FormatError) as error:
         read_gguf(path)
     one_line(error, str(path), "type Q5_0", "not supported")

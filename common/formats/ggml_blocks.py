@@ -8,6 +8,12 @@ expands one tensor at a time. Block layouts (llama.cpp ggml-common.h), each bloc
   Q4_0: fp16 d, 16 bytes: low nibbles are values 0..15, high nibbles values 16..31
                                                   w = d * (nibble - 8)
   Q4_1: fp16 d, fp16 m, 16 bytes as Q4_0          w = d * nibble + m
+K-quants cover 256 values in sub-blocks with their own scales:
+  Q4_K: fp16 d, fp16 dmin, 12 bytes of 6-bit scale/min pairs for 8 sub-blocks of 32, then
+        128 bytes: byte group c (32 bytes) holds sub-block 2c in its low nibbles, 2c+1 in its
+        high ones                                 w = d * scale * nibble - dmin * min
+  Q6_K: 128 bytes low 4 bits, 64 bytes high 2 bits, 16 int8 scales (one per 16 values),
+        fp16 d at the end                         w = d * scale * (6-bit q - 32)
 """
 
 from dataclasses import dataclass
@@ -22,8 +28,10 @@ ENCODINGS = {
     "Q8_0": (32, 34),
     "Q4_0": (32, 18),
     "Q4_1": (32, 20),
+    "Q4_K": (256, 144),
+    "Q6_K": (256, 210),
 }
-QUANTIZED = ("Q8_0", "Q4_0", "Q4_1")
+QUANTIZED = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 
 
 @dataclass(frozen=True)
@@ -85,4 +93,33 @@ def _q4_1(blocks: np.ndarray) -> np.ndarray:
     return _scale(blocks, 0) * _nibbles(blocks[:, 4:]) + _scale(blocks, 2)
 
 
-_DECODERS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1}
+def _q4_k(blocks: np.ndarray) -> np.ndarray:
+    n = len(blocks)
+    packed = blocks[:, 4:16]
+    scales, mins = np.empty((n, 8), np.uint8), np.empty((n, 8), np.uint8)
+    scales[:, :4], mins[:, :4] = packed[:, 0:4] & 63, packed[:, 4:8] & 63
+    # sub-blocks 4..7: low 4 bits from bytes 8..11, top 2 from the spare bits of bytes 0..7
+    scales[:, 4:] = (packed[:, 8:12] & 0x0F) | ((packed[:, 0:4] >> 6) << 4)
+    mins[:, 4:] = (packed[:, 8:12] >> 4) | ((packed[:, 4:8] >> 6) << 4)
+    quads = blocks[:, 16:].reshape(n, 4, 32)
+    values = np.stack([quads & 0x0F, quads >> 4], axis=2).reshape(n, 8, 32).astype(np.float32)
+    step = _scale(blocks, 0) * scales  # (n, 8)
+    offset = _scale(blocks, 2) * mins
+    return (step[:, :, None] * values - offset[:, :, None]).reshape(n, 256)
+
+
+def _q6_k(blocks: np.ndarray) -> np.ndarray:
+    n = len(blocks)
+    low = blocks[:, :128].reshape(n, 2, 2, 32)  # (half, first/second 32 bytes, l)
+    high = blocks[:, 128:192].reshape(n, 2, 1, 32)
+    scales = blocks[:, 192:208].view(np.int8).astype(np.float32).reshape(n, 2, 8)
+    # per half, value 32k + l: k = 0, 1 take low nibbles of byte l / l + 32, k = 2, 3 the high
+    # nibbles; the high bits are bits 2k, 2k + 1 of high[l]
+    nibbles = np.concatenate([low & 0x0F, low >> 4], axis=2)  # (n, 2, 4, 32)
+    shifts = np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    q = (nibbles | (((high >> shifts) & 3) << 4)).astype(np.float32) - np.float32(32)
+    q = q.reshape(n, 2, 8, 16)  # 16 values per scale: scale index 2k + l // 16
+    return (_scale(blocks, 208).reshape(n, 1, 1, 1) * scales[:, :, :, None] * q).reshape(n, 256)
+
+
+_DECODERS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q6_K": _q6_k}
