@@ -170,3 +170,20 @@ def test_corrupt_safetensors(tmp_path):
     folder = copy_of(tmp_path, "fp32_gqa_tied")
     (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     refused(folder, "model.safetensors")
+
+
+def test_describe_for_inspect(tmp_path):
+    from llmtp.common.formats.load import describe_model, load_model_tokenizer
+
+    from gguf_factory import write_gguf
+
+    model = load_model(FIXTURES / "bf16_gqa_sharded")
+    text = describe_model(model)
+    assert "Hugging Face" in text and "rope_theta:    50000" in text and "norm_eps:      1e-06" in text
+    assert "layers.{0..1}.wq" in text and "BF16" in text
+    path = write_gguf(tmp_path / "m.gguf", model.config, model.weights, "Q8_0",
+                      tokenizer={"model": "gpt2", "tokens": ["a", "b", "ab"], "merges": ["a b"], "eos_id": 2})
+    from_gguf = load_model(path)
+    text = describe_model(from_gguf, load_model_tokenizer(from_gguf))
+    assert "GGUF v3" in text and "Q8_0" in text and "F32" in text
+    assert "tokenizer:     byte-level BPE, 3 tokens" in text

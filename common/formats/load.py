@@ -14,7 +14,7 @@ from typing import Any
 
 from llmtp.common.errors import FormatError
 from llmtp.common.model.config import ModelConfig
-from llmtp.common.model.weights import ModelWeights
+from llmtp.common.model.weights import LAYER_FIELDS, ModelWeights
 
 from .checkpoint import FORMAT_NAMES, Checkpoint, load_checkpoint, tensor_layout
 from .gguf_file import is_gguf, read_gguf
@@ -85,8 +85,57 @@ def load_model_tokenizer(model: LoadedModel):
     if model.source_format == GGUF:
         from .gguf_file import metadata
         from .gguf_tokenizer import gguf_tokenizer
-        return gguf_tokenizer(metadata(model.source.reader, include_arrays=True), str(model.path))
-    if model.source_format == HUGGING_FACE:
+        tokenizer = gguf_tokenizer(metadata(model.source.reader, include_arrays=True), str(model.path))
+    elif model.source_format == HUGGING_FACE:
         from .hf_tokenizer import load_hf_tokenizer
-        return load_hf_tokenizer(model.path)
-    return None
+        if not (model.path / "tokenizer.json").is_file() and (model.path / "tokenizer.model").is_file():
+            from .tokenizer import load_tokenizer  # a SentencePiece model alone, read as before
+            return load_tokenizer(model.path / "tokenizer.model", model.config.vocab_size)
+        tokenizer = load_hf_tokenizer(model.path)
+    else:
+        return None
+    if tokenizer.vocab_size > model.config.vocab_size:  # fewer is fine: padded embeddings
+        raise FormatError(f"{tokenizer.source}: the tokenizer has {tokenizer.vocab_size} tokens, more than the "
+                          f"model's {model.config.vocab_size} embedding rows")
+    return tokenizer
+
+
+def describe_model(model: LoadedModel, tokenizer=None) -> str:
+    """Multi-line text for `llmtp inspect`: source format, hyper-parameters (rope theta and
+    norm eps too), tokenizer kind and vocabulary, and each tensor's stored type."""
+    from .checkpoint import PARAM_NAMES, describe_checkpoint
+
+    if model.source_format == LLAMA2C:
+        return describe_checkpoint(model.source)
+    config = model.config
+    lines = [f"path:          {model.path}", f"format:        {model.format_detail}"]
+    lines += [f"{name + ':':<15}{getattr(config, name)}" for name in PARAM_NAMES]
+    lines += [f"head_dim:      {config.head_dim}",
+              f"kv_dim:        {config.kv_dim} ({config.kv_mul} query heads per kv head)",
+              f"rope_theta:    {config.rope_theta:g}",
+              f"norm_eps:      {config.norm_eps:g}",
+              f"classifier:    {'shared with token_embedding' if config.shared_classifier else 'separate'}"]
+    if tokenizer is not None:
+        ids = f"BOS {tokenizer.bos_id}, EOS {tokenizer.eos_id}, stops {list(tokenizer.stop_ids)}"
+        lines.append(f"tokenizer:     {tokenizer.kind}, {tokenizer.vocab_size} tokens ({ids}; "
+                     f"adds BOS: {'yes' if tokenizer.add_bos else 'no'})")
+    lines.append("tensors:")
+    rows: dict[str, tuple[tuple, set]] = {}
+    every = f"layers.{{0..{config.n_layers - 1}}}." if config.n_layers > 1 else "layers.0."
+    shapes = _shapes(config)
+    order = ["token_embedding"] + [f"layers.{i}.{field}" for i in range(config.n_layers) for field in LAYER_FIELDS]
+    order += ["final_norm", "classifier"]
+    for name in (name for name in order if name in model.tensor_types):
+        kind = model.tensor_types[name]
+        shown = every + name.split(".")[2] if name.startswith("layers.") else name
+        rows.setdefault(shown, (shapes[name], set()))[1].add(kind)
+    width = max(len(name) for name in rows)
+    lines.append(f"  {'name':<{width}}  {'shape':<14}stored as")
+    lines += [f"  {name:<{width}}  {str(shape):<14}{', '.join(sorted(kinds))}" for name, (shape, kinds) in rows.items()]
+    lines += [f"parameters:    {config.n_params():,}", f"file bytes:    {model.n_bytes:,}"]
+    return "\n".join(lines)
+
+
+def _shapes(config: ModelConfig) -> dict[str, tuple]:
+    from .gguf_file import expected_shapes
+    return expected_shapes(config) | {"classifier": (config.vocab_size, config.dim)}
