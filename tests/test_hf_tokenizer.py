@@ -162,3 +162,36 @@ def test_unsupported_tokenizer_metadata():
                         "tokenizer.ggml.merges": ["a b"], "tokenizer.ggml.pre": "qwen2"}, "x.gguf")
     with pytest.raises(FormatError, match="no tokenizer"):
         gguf_tokenizer({}, "x.gguf")
+
+
+# ---------------------------------------------------------------------------------------------
+# SentencePiece-style tokenizer.json (as transformers writes it) against the tokenizers library
+
+TOK512_JSON = Path(__file__).parent / "fixtures" / "hf_tokenizers" / "tok512"
+
+
+def test_sentencepiece_style_tokenizer_json():
+    oracle = tokenizers.Tokenizer.from_file(str(TOK512_JSON / "tokenizer.json"))
+    ours = load_hf_tokenizer(TOK512_JSON)
+    assert (ours.kind, ours.strips_first_space, ours.add_bos) == (SENTENCEPIECE_BPE, True, True)
+    assert (ours.bos_id, ours.eos_id, ours.stop_ids) == (1, 2, (2,))
+    assert ours.encode("Once upon a time") == [1, 403, 407, 261, 378]  # REFERENCE.md's PROMPT_IDS
+    for s in STRINGS + ["<s>Hello</s>", "a </s> b"]:
+        ids = ours.encode(s, bos=False)
+        assert ids == oracle.encode(s, add_special_tokens=False).ids, s
+        assert ours.decode([1] + ids) == streamed(ours, [1] + ids) == oracle.decode(ids, skip_special_tokens=True), s
+    assert ours.encode("<s>Hello</s>", bos=False)[::len(ours.encode("<s>Hello</s>", bos=False)) - 1] == [1, 2]
+
+
+def test_gguf_sentencepiece_equals_transformers_tokenizer_json_without_extra_spaces():
+    """tok512 was trained with remove_extra_whitespaces, which transformers' tokenizer.json drops;
+    on text without leading, trailing or repeated spaces (a literal "▁" is a space) both must agree."""
+    path = SENTENCEPIECE_MODELS["tok512"]
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    oracle = tokenizers.Tokenizer.from_file(str(TOK512_JSON / "tokenizer.json"))
+    ours = gguf_tokenizer(as_meta(sentencepiece_metadata(path)), str(path))
+    plain = [s for s in SPECIAL_FREE if s and s.strip(" ") == s and "  " not in s and "\u2581" not in s]
+    assert len(plain) > 150
+    mismatches = [s for s in plain if ours.encode(s, bos=False) != oracle.encode(s, add_special_tokens=False).ids]
+    assert not mismatches, mismatches[:3]

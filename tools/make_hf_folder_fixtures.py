@@ -10,8 +10,12 @@ Fixtures (all 2 layers, dim 32, head_dim 8, FFN 64, vocab 64, 32 positions):
   fp32_gqa_tied        4 heads / 2 kv heads, tied embeddings, one file, rope_theta 10000, eps 1e-5
   bf16_gqa_sharded     4 / 2, separate lm_head, bfloat16, sharded, rope_theta 50000, eps 1e-6
   fp16_mha_untied      4 / 4, separate lm_head, float16, one file, rope_theta 500000, eps 1e-5
-torch and transformers come from the `oracle` extra, in their own venv:
-  python3 -m venv /tmp/hfvenv && /tmp/hfvenv/bin/pip install torch==2.13.0 transformers safetensors
+And tests/fixtures/hf_tokenizers/tok512/: the tokenizer.json transformers' LlamaTokenizer makes
+from ../shared/models/stories260K/tok512.model (a SentencePiece-style tokenizer.json written by
+transformers, not by this project), with tokenizer_config.json's add_bos_token set to true as
+Llama 2's folders have it.
+torch and transformers come from the `oracle` extra, in their own venv (protobuf to read .model):
+  python3 -m venv /tmp/hfvenv && /tmp/hfvenv/bin/pip install torch==2.13.0 transformers safetensors protobuf
   /tmp/hfvenv/bin/python tools/make_hf_folder_fixtures.py      # from the repository root
 """
 
@@ -74,6 +78,23 @@ def make(name: str, spec: dict, out: Path) -> Path:
     return folder
 
 
+def make_tokenizer(out: Path) -> Path:
+    import tempfile
+
+    from transformers import LlamaTokenizer
+
+    source = REPO.parent / "shared" / "models" / "stories260K" / "tok512.model"
+    folder = out / "tok512"
+    shutil.rmtree(folder, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(source, Path(tmp) / "tokenizer.model")
+        LlamaTokenizer.from_pretrained(tmp).save_pretrained(folder)
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    settings["add_bos_token"] = True
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=OUT)
@@ -82,6 +103,7 @@ def main() -> None:
     for name, spec in FIXTURES.items():
         folder = make(name, spec, args.out)
         print(f"wrote {folder} ({sum(p.stat().st_size for p in folder.iterdir()):,} bytes)")
+    print(f"wrote {make_tokenizer(args.out.parent / 'hf_tokenizers')}")
 
 
 if __name__ == "__main__":
