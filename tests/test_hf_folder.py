@@ -187,3 +187,11 @@ def test_describe_for_inspect(tmp_path):
     text = describe_model(from_gguf, load_model_tokenizer(from_gguf))
     assert "GGUF v3" in text and "Q8_0" in text and "F32" in text
     assert "tokenizer:     byte-level BPE, 3 tokens" in text
+
+
+def test_tie_word_embeddings_defaults_to_false_as_in_transformers(tmp_path):
+    folder = copy_of(tmp_path, "fp32_gqa_tied")  # saved without lm_head.weight
+    config = json.loads((folder / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (folder / "config.json").write_text(json.dumps(config))
+    refused(folder, "classifier", "missing")

@@ -206,7 +206,9 @@ def raw_tensors(path: Path, reader, config: ModelConfig) -> Iterator[tuple[str, 
         raise FormatError(f"{path}: tensor for {missing[0]} is missing ({len(missing)} missing in all)")
 
 
-def read_gguf(path: str | os.PathLike) -> GgufModel:
+def open_llama_gguf(path: str | os.PathLike):
+    """(reader, metadata, config) of a checked llama GGUF, no tensor read yet: with
+    `raw_tensors(path, reader, config)` the way in for block-preserving matrix types."""
     path = Path(path)
     reader = open_gguf(path)
     meta = metadata(reader)
@@ -216,7 +218,12 @@ def read_gguf(path: str | os.PathLike) -> GgufModel:
     if "rope_freqs.weight" in names:  # Llama 3.1-style frequency factors
         raise FormatError(f"{path}: tensor rope_freqs.weight (RoPE frequency scaling) is not supported")
     vocab_rows = int(names["token_embd.weight"].shape[1])
-    config = gguf_config(path, meta, vocab_rows, "output.weight" in names)
+    return reader, meta, gguf_config(path, meta, vocab_rows, "output.weight" in names)
+
+
+def read_gguf(path: str | os.PathLike) -> GgufModel:
+    path = Path(path)
+    reader, meta, config = open_llama_gguf(path)
     tensors, types = {}, {}
     for name, raw in raw_tensors(path, reader, config):
         types[name] = raw.ggml_type

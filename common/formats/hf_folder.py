@@ -89,7 +89,7 @@ def read_config(folder: Path) -> tuple[ModelConfig, dict[str, Any]]:
                          n_layers=raw["num_hidden_layers"], n_heads=n_heads,
                          n_kv_heads=raw.get("num_key_value_heads") or n_heads, vocab_size=raw["vocab_size"],
                          seq_len=raw.get("max_position_embeddings", 2048),
-                         shared_classifier=bool(raw.get("tie_word_embeddings", True)),
+                         shared_classifier=bool(raw.get("tie_word_embeddings", False)),  # LlamaConfig's default
                          rope_theta=float(_rope_theta(path, raw)), norm_eps=float(raw.get("rms_norm_eps", 1e-6)))
     config.validate(str(path))
     head_dim = raw.get("head_dim")
