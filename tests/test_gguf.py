@@ -207,3 +207,19 @@ def test_not_gguf(tmp_path):
     with pytest.raises(FormatError) as error:
         read_gguf(path)
     one_line(error, str(path))
+
+
+def test_array_count_beyond_the_file(tmp_path):
+    config = small_config()
+    path = write_gguf(tmp_path / "m.gguf", config, random_weights(config, 3),
+                      tokenizer={"model": "gpt2", "tokens": ["a", "b", "ab"], "merges": ["a b"]})
+    data = bytearray(path.read_bytes())
+    key = b"tokenizer.ggml.tokens"
+    at = data.index(struct.pack("<Q", len(key)) + key) + 8 + len(key) + 4 + 4  # past key, type, item type
+    assert struct.unpack_from("<Q", data, at)[0] == 3
+    struct.pack_into("<Q", data, at, 1 << 60)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(FormatError) as error:
+        read_gguf(bad)
+    one_line(error, str(bad), "claims 1152921504606846976 items")

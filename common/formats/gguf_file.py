@@ -63,11 +63,20 @@ def is_gguf(head: bytes) -> bool:
 
 def open_gguf(path: str | os.PathLike):
     """A gguf.GGUFReader over `path`, or FormatError naming the file and what is wrong."""
-    from gguf import GGUFReader, GGMLQuantizationType
+    from gguf import GGUFReader, GGMLQuantizationType, GGUFValueType
 
     path = Path(path)
 
     class CheckedReader(GGUFReader):
+        def _get_field_parts(self, orig_offs, raw_type):
+            # An array's count comes first: a count beyond the bytes left would loop for ages.
+            if raw_type == GGUFValueType.ARRAY:
+                count = int(self._get(orig_offs + 4, np.uint64)[0])
+                if count > len(self.data) - orig_offs:
+                    raise FormatError(f"{path}: metadata array at byte {orig_offs} claims {count} items, more "
+                                      f"than the {len(self.data) - orig_offs} bytes left (corrupt or truncated)")
+            return super()._get_field_parts(orig_offs, raw_type)
+
         def _build_tensors(self, start_offs, fields):
             # Checked before the reader builds views, which on a bad file fail obscurely.
             for info in fields:
