@@ -195,3 +195,20 @@ def test_tie_word_embeddings_defaults_to_false_as_in_transformers(tmp_path):
     del config["tie_word_embeddings"]
     (folder / "config.json").write_text(json.dumps(config))
     refused(folder, "classifier", "missing")
+
+
+def test_lone_tokenizer_model_is_read_by_sentencepiece(tmp_path):
+    from llmtp.common.formats.load import describe_model, load_model_tokenizer
+
+    source = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "stories260K" / "tok512.model"
+    if not source.is_file():
+        pytest.skip(f"{source} is absent")
+    folder = copy_of(tmp_path, "fp32_gqa_tied")
+    edit_config(folder, vocab_size=512)
+    shutil.copy(source, folder / "tokenizer.model")
+    with pytest.raises(FormatError, match="shape"):  # the fixture's embedding has 64 rows
+        load_model(folder)
+    edit_config(folder, vocab_size=64)
+    model = load_model(folder)
+    with pytest.raises(FormatError, match="512 tokens"):
+        load_model_tokenizer(model)  # sentencepiece's own check: more tokens than the model

@@ -116,3 +116,21 @@ def test_greedy_equals_run_c(exported, run, source, n_workers):
     ids = greedy(engine, prompt_ids, steps)
     assert ids == all_ids
     assert tokenizer.decode([1] + ids) == stdout
+
+
+def test_folder_with_only_tokenizer_model(exported, tmp_path):
+    """A folder with tokenizer.model and no tokenizer.json: read by sentencepiece as before."""
+    import shutil
+
+    from llmtp.common.formats.load import describe_model
+
+    folder = tmp_path / "hf"
+    shutil.copytree(exported[HUGGING_FACE].path, folder)
+    (folder / "tokenizer.json").unlink()
+    shutil.copy(STORIES / "tok512.model", folder / "tokenizer.model")
+    model = load_model(folder)
+    tokenizer = load_model_tokenizer(model)
+    stdout, prompt_ids, all_ids = reference_run("s260_once_t0_n64")
+    assert tokenizer.encode("Once upon a time") == prompt_ids
+    assert greedy(LocalEngine.from_checkpoint(model), prompt_ids, 64) == all_ids
+    assert "SentencePiece (tokenizer.model), 512 tokens" in describe_model(model, tokenizer)

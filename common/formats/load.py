@@ -90,7 +90,7 @@ def load_model_tokenizer(model: LoadedModel):
         from .hf_tokenizer import load_hf_tokenizer
         if not (model.path / "tokenizer.json").is_file() and (model.path / "tokenizer.model").is_file():
             from .tokenizer import load_tokenizer  # a SentencePiece model alone, read as before
-            return load_tokenizer(model.path / "tokenizer.model", model.config.vocab_size)
+            return load_tokenizer(model.path / "tokenizer.model", model.config.vocab_size, allow_longer=False)
         tokenizer = load_hf_tokenizer(model.path)
     else:
         return None
@@ -115,10 +115,12 @@ def describe_model(model: LoadedModel, tokenizer=None) -> str:
               f"rope_theta:    {config.rope_theta:g}",
               f"norm_eps:      {config.norm_eps:g}",
               f"classifier:    {'shared with token_embedding' if config.shared_classifier else 'separate'}"]
-    if tokenizer is not None:
-        ids = f"BOS {tokenizer.bos_id}, EOS {tokenizer.eos_id}, stops {list(tokenizer.stop_ids)}"
-        lines.append(f"tokenizer:     {tokenizer.kind}, {tokenizer.vocab_size} tokens ({ids}; "
-                     f"adds BOS: {'yes' if tokenizer.add_bos else 'no'})")
+    if tokenizer is not None:  # an HfTokenizer, or tokenizer.py's Tokenizer for a lone tokenizer.model
+        stops = list(getattr(tokenizer, "stop_ids", (tokenizer.eos_id,)))
+        ids = f"BOS {tokenizer.bos_id}, EOS {tokenizer.eos_id}, stops {stops}"
+        lines.append(f"tokenizer:     {getattr(tokenizer, 'kind', 'SentencePiece (tokenizer.model)')}, "
+                     f"{tokenizer.vocab_size} tokens ({ids}; "
+                     f"adds BOS: {'yes' if getattr(tokenizer, 'add_bos', True) else 'no'})")
     lines.append("tensors:")
     rows: dict[str, tuple[tuple, set]] = {}
     every = f"layers.{{0..{config.n_layers - 1}}}." if config.n_layers > 1 else "layers.0."
