@@ -95,7 +95,15 @@ CHAT = ["<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_
         "text<|im_end|>more", "<|endoftext|>", "a <|im_start|> b"]
 
 
-def train_byte_level(folder: Path, digits: bool) -> Path:
+# Llama 3's tokenizer.json pre_tokenizer, as Meta's file spells it
+LLAMA3_PRE_TOKENIZER = {"type": "Sequence", "pretokenizers": [
+    {"type": "Split", "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|"
+                                           "\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|"
+                                           "\\s+(?!\\S)|\\s+"}, "behavior": "Isolated", "invert": False},
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+
+
+def train_byte_level(folder: Path, digits: bool, llama3: bool = False) -> Path:
     """A small byte-level BPE trained here (no download) and saved as tokenizer.json."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -103,6 +111,10 @@ def train_byte_level(folder: Path, digits: bool) -> Path:
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
                                if digits else byte_level)
+    if llama3:
+        document = json.loads(tokenizer.to_str())
+        document["pre_tokenizer"] = LLAMA3_PRE_TOKENIZER
+        tokenizer = Tokenizer.from_str(json.dumps(document))
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -116,9 +128,10 @@ def train_byte_level(folder: Path, digits: bool) -> Path:
     return folder / "tokenizer.json"
 
 
-@pytest.fixture(scope="module", params=["gpt2", "smollm"])
+@pytest.fixture(scope="module", params=["gpt2", "smollm", "llama-bpe"])
 def byte_level_trio(request, tmp_path_factory):
-    path = train_byte_level(tmp_path_factory.mktemp(request.param), digits=request.param == "smollm")
+    path = train_byte_level(tmp_path_factory.mktemp(request.param), digits=request.param == "smollm",
+                            llama3=request.param == "llama-bpe")
     oracle = tokenizers.Tokenizer.from_file(str(path))
     meta = as_meta(tokenizer_json_metadata(json.loads(path.read_text()), request.param))
     meta["tokenizer.ggml.eos_token_id"] = oracle.token_to_id("<|endoftext|>")

@@ -23,6 +23,10 @@ SPACE = "\u2581"
 # GPT-2's split pattern, which ByteLevel(use_regex=True) applies
 BYTE_LEVEL_PRE = ("gpt2", "default")
 DIGITS_THEN_BYTE_LEVEL_PRE = ("smollm", "starcoder", "refact", "command-r", "codeshell")
+# Llama 3's split pattern (its tokenizer.json), applied before byte-level mapping without GPT-2's
+LLAMA3_PRE = ("llama-bpe", "llama3")
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def gguf_tokenizer(meta: dict[str, Any], source: str) -> HfTokenizer:
@@ -94,7 +98,7 @@ def _sentencepiece_bpe(meta: dict, tokens: list[str], types: list[int], source: 
 
 
 def _byte_level_bpe(meta: dict, tokens: list[str], source: str):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     merges = meta.get("tokenizer.ggml.merges")
     if merges is None:
@@ -114,9 +118,13 @@ def _byte_level_bpe(meta: dict, tokens: list[str], source: str):
         pre_tokenizer = byte_level
     elif pre in DIGITS_THEN_BYTE_LEVEL_PRE:
         pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif pre in LLAMA3_PRE:
+        pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     else:
         raise FormatError(f"{source}: tokenizer.ggml.pre {pre!r} is not supported (supported: "
-                          f"{', '.join(BYTE_LEVEL_PRE + DIGITS_THEN_BYTE_LEVEL_PRE)})")
+                          f"{', '.join(BYTE_LEVEL_PRE + DIGITS_THEN_BYTE_LEVEL_PRE + LLAMA3_PRE)})")
     tokenizer = Tokenizer(models.BPE(vocab, pairs, fuse_unk=False))
     tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.decoder = decoders.ByteLevel()
