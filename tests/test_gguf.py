@@ -223,3 +223,11 @@ def test_array_count_beyond_the_file(tmp_path):
     with pytest.raises(FormatError) as error:
         read_gguf(bad)
     one_line(error, str(bad), "claims 1152921504606846976 items")
+
+
+def test_progress_reports_every_tensor(tmp_path):
+    config = small_config()
+    path = write_gguf(tmp_path / "m.gguf", config, random_weights(config, 3), "Q4_0")
+    calls = []
+    read_gguf(path, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(done, 21) for done in range(1, 22)]  # 2 layers of 9, embedding, norm, output

@@ -212,3 +212,12 @@ def test_lone_tokenizer_model_is_read_by_sentencepiece(tmp_path):
     model = load_model(folder)
     with pytest.raises(FormatError, match="512 tokens"):
         load_model_tokenizer(model)  # sentencepiece's own check: more tokens than the model
+
+
+@pytest.mark.parametrize("name", ["bf16_gqa_sharded", "fp32_gqa_tied"])
+def test_progress_reports_every_tensor(name):
+    calls = []
+    load_model(FIXTURES / name, progress=lambda done, total: calls.append((done, total)))
+    total = calls[-1][1]
+    assert calls == [(done, total) for done in range(1, total + 1)]
+    assert total == 2 * 9 + 2 + (name != "fp32_gqa_tied")  # per layer 9, embedding, final norm, lm_head

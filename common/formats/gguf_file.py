@@ -230,13 +230,16 @@ def open_llama_gguf(path: str | os.PathLike):
     return reader, meta, gguf_config(path, meta, vocab_rows, "output.weight" in names)
 
 
-def read_gguf(path: str | os.PathLike) -> GgufModel:
+def read_gguf(path: str | os.PathLike, progress=None) -> GgufModel:
+    """progress: called as progress(tensors done, tensors in all) after each tensor."""
     path = Path(path)
     reader, meta, config = open_llama_gguf(path)
     tensors, types = {}, {}
     for name, raw in raw_tensors(path, reader, config):
         types[name] = raw.ggml_type
         tensors[name] = to_float32(raw)  # one tensor at a time; quantized ones expanded here
+        if progress:
+            progress(len(tensors), len(reader.tensors))
     return GgufModel(path, config, assemble(config, tensors), types, meta, reader, path.stat().st_size)
 
 

@@ -170,7 +170,8 @@ def interleave_pairs(w: np.ndarray, n_heads: int) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols))
 
 
-def read_hf_folder(folder: str | os.PathLike) -> HfModel:
+def read_hf_folder(folder: str | os.PathLike, progress=None) -> HfModel:
+    """progress: called as progress(tensors done, tensors in all) after each tensor."""
     from safetensors import safe_open
 
     from .gguf_file import assemble, expected_shapes
@@ -203,6 +204,8 @@ def read_hf_folder(folder: str | os.PathLike) -> HfModel:
                 if name.endswith((".wq", ".wk")):
                     value = interleave_pairs(value, config.n_heads if name.endswith("wq") else config.n_kv_heads)
                 tensors[name], types[name] = value, dtype
+                if progress:
+                    progress(len(tensors), len(shapes))
     missing = [name for name in shapes if name not in tensors]
     if missing:
         raise FormatError(f"{folder}: tensor for {missing[0]} is missing ({len(missing)} missing in all)")

@@ -55,16 +55,18 @@ def detect_format(path: str | os.PathLike) -> str:
     return LLAMA2C  # load_checkpoint checks its magic or version-0 header
 
 
-def load_model(path: str | os.PathLike) -> LoadedModel:
+def load_model(path: str | os.PathLike, progress=None) -> LoadedModel:
+    """progress: for a progress bar, called as progress(tensors done, tensors in all) while a
+    GGUF file or Hugging Face folder is read (a llama2.c file is only mapped)."""
     path = Path(path)
     kind = detect_format(path)
     if kind == GGUF:
-        model = read_gguf(path)
+        model = read_gguf(path, progress)
         version = model.reader.fields["GGUF.version"].contents()
         return LoadedModel(path, GGUF, f"GGUF v{version}, architecture llama", model.config, model.weights,
                            model.tensor_types, model.n_bytes, None, model)
     if kind == HUGGING_FACE:
-        model = read_hf_folder(path)
+        model = read_hf_folder(path, progress)
         n_files = len(set(p for p in path.glob("*.safetensors")))
         detail = f"Hugging Face LlamaForCausalLM, safetensors in {n_files} file{'s' if n_files != 1 else ''}"
         return LoadedModel(path, HUGGING_FACE, detail, model.config, model.weights, model.tensor_types,
