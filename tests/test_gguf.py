@@ -180,6 +180,7 @@ def test_architecture_not_llama(tmp_path):
 
 
 @pytest.mark.parametrize("key, value", [("llama.rope.scaling.type", "linear"),
+                                        ("split.count", (gguf.GGUFValueType.UINT16, 3)),
                                         ("llama.expert_count", 4),
                                         ("llama.attention.sliding_window", 16),
                                         ("llama.attention.key_length", 8)])

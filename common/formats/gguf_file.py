@@ -221,6 +221,9 @@ def open_llama_gguf(path: str | os.PathLike):
     path = Path(path)
     reader = open_gguf(path)
     meta = metadata(reader)
+    if int(meta.get("split.count", 1)) > 1:  # gguf-split's model-00001-of-0000N.gguf
+        raise FormatError(f"{path}: metadata key split.count is {meta['split.count']}; a GGUF split into "
+                          f"several files is not supported (merge it with llama.cpp's gguf-split --merge)")
     names = {tensor.name: tensor for tensor in reader.tensors}
     if "token_embd.weight" not in names:
         raise FormatError(f"{path}: tensor token_embd.weight is missing")
