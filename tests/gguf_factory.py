@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llmtp.common.model.matrices import F32Matrix
+
 from llmtp.common.model.config import ModelConfig
 from llmtp.common.model.quantize import as_float32
 from llmtp.common.model.weights import ModelWeights
@@ -36,14 +38,14 @@ def encode(values: np.ndarray, ggml_type: str) -> tuple[np.ndarray, object]:
     return quants.quantize(np.ascontiguousarray(values, dtype=np.float32), kind), kind
 
 
-def stored_values(values: np.ndarray, ggml_type: str) -> np.ndarray:
+def stored_values(values: np.ndarray, ggml_type: str) -> F32Matrix:
     """float32 of what a file of `ggml_type` holds for `values`, by gguf's own dequantizer."""
     from gguf import GGMLQuantizationType, quants
 
     data, kind = encode(values, ggml_type)
     if kind is None:
-        return data.astype(np.float32)
-    return quants.dequantize(data, kind).astype(np.float32).reshape(values.shape)
+        return F32Matrix(data.astype(np.float32))
+    return F32Matrix(quants.dequantize(data, kind).astype(np.float32).reshape(values.shape))
 
 
 def write_gguf(path, config: ModelConfig, weights: ModelWeights, matrix_type: str = "F32",

@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+
+from llmtp.common.model.matrices import F32Matrix
 import pytest
 
 pytest.importorskip("safetensors")
@@ -80,8 +82,8 @@ def test_same_weights_as_gguf_give_transformers_logits(tmp_path):
     hf = load_file(FIXTURES / "fp16_mha_untied" / "model.safetensors")
     weights = model.weights
     for i, layer in enumerate(weights.layers):  # independently of hf_folder.py's own permutation
-        layer.wq = hf_to_interleaved(hf[f"model.layers.{i}.self_attn.q_proj.weight"].astype(np.float32), 4)
-        layer.wk = hf_to_interleaved(hf[f"model.layers.{i}.self_attn.k_proj.weight"].astype(np.float32), 4)
+        layer.wq = F32Matrix(hf_to_interleaved(hf[f"model.layers.{i}.self_attn.q_proj.weight"].astype(np.float32), 4))
+        layer.wk = F32Matrix(hf_to_interleaved(hf[f"model.layers.{i}.self_attn.k_proj.weight"].astype(np.float32), 4))
         np.testing.assert_array_equal(layer.wq, model.weights.layers[i].wq)
     path = write_gguf(tmp_path / "m.gguf", model.config, weights, "F16")
     assert detect_format(path) == GGUF
@@ -90,7 +92,7 @@ def test_same_weights_as_gguf_give_transformers_logits(tmp_path):
     assert_close_to(all_logits(LocalEngine(from_gguf.config, from_gguf.weights), ids), expected)
     # and without the permutation the logits are wrong: the test can fail
     for layer in from_gguf.weights.layers:
-        layer.wq = np.ascontiguousarray(hf_to_interleaved(layer.wq, 4))
+        layer.wq = F32Matrix(np.ascontiguousarray(hf_to_interleaved(layer.wq, 4)))
     assert np.abs(all_logits(LocalEngine(from_gguf.config, from_gguf.weights), ids) - expected).max() > 0.01
 
 
