@@ -19,10 +19,10 @@ def shard_for_config(config: ClusterConfig, progress: bool = True) -> dict[str, 
     """Write <shards>/<host>/ for every host: shard-S-of-N.bin of each worker there, and on
     the coordinator's host embedding.bin, and on every host manifest.json (the coordinator's
     written last: its folder is complete once it exists). Returns host -> files written."""
-    from llmtp.common.formats.checkpoint import load_checkpoint
-    if not config.model.is_file():
+    from llmtp.common.formats.load import load_model
+    if not config.model.exists():
         raise ConfigError(f"{config.path}: model: {config.model} does not exist")
-    checkpoint = load_checkpoint(config.model)
+    checkpoint = load_model(config.model)
     config.shards.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=config.shards))
     placed: dict[str, list[Path]] = {}

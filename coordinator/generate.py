@@ -35,15 +35,16 @@ class GenerationResult:
 
 def generate(engine, sampler: Sampler, prompt_ids: list[int], steps: int,
              on_token: Callable[[int], None] = lambda token: None, slot: int = 0,
-             stop_ids: Collection[int] = LLAMA2C_STOP_IDS) -> GenerationResult:
+             stop_ids: Collection[int] = LLAMA2C_STOP_IDS, echo_from: int = 1) -> GenerationResult:
     """Like run.c's generate(): `steps` counts positions including the prompt; the token
     sampled after the last position is emitted but not fed. Stops early on any of `stop_ids`
     (the tokenizer's BOS and EOS).
 
-    on_token is called with each prompt id after BOS, then each generated id."""
+    on_token is called with each prompt id from `echo_from` (1: after BOS; 0 for a tokenizer
+    that adds none), then each generated id."""
     assert 1 <= len(prompt_ids) <= steps <= engine.config.seq_len, (len(prompt_ids), steps)
     result = GenerationResult(prompt_ids=list(prompt_ids))
-    for token in prompt_ids[1:]:
+    for token in prompt_ids[echo_from:]:
         on_token(token)
 
     started = time.perf_counter()

@@ -29,8 +29,8 @@ def cache_dir() -> Path:
 
 def shard_cache_folder(checkpoint_path: Path, n_workers: int) -> Path:
     """One folder per (checkpoint file version, worker count): a changed file reshards."""
-    stat = checkpoint_path.stat()
-    identity = f"{checkpoint_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    files = sorted(p for p in checkpoint_path.iterdir() if p.is_file()) if checkpoint_path.is_dir() else [checkpoint_path]
+    identity = "|".join(f"{p.resolve()}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in files)
     key = hashlib.sha256(identity.encode()).hexdigest()[:16]
     return cache_dir() / "shards" / f"{checkpoint_path.stem}-{key}-{n_workers}w"
 
@@ -38,17 +38,17 @@ def shard_cache_folder(checkpoint_path: Path, n_workers: int) -> Path:
 def ensure_shards(checkpoint_path: Path, n_workers: int) -> Path:
     """The shard folder for this checkpoint and worker count, writing it on first use.
     Only then is the checkpoint itself opened."""
-    from llmtp.common.formats.checkpoint import load_checkpoint
+    from llmtp.common.formats.load import load_model
     from llmtp.common.formats.shard_file import write_shards
-    if not checkpoint_path.is_file():
-        raise ConfigError(f"{checkpoint_path}: no such checkpoint file")
+    if not checkpoint_path.exists():
+        raise ConfigError(f"{checkpoint_path}: no such checkpoint file or model folder")
     folder = shard_cache_folder(checkpoint_path, n_workers)
     if (folder / "manifest.json").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
-        write_shards(load_checkpoint(checkpoint_path), n_workers, staging)
+        write_shards(load_model(checkpoint_path), n_workers, staging)
         try:
             staging.rename(folder)
         except OSError:  # another process finished the same shards first

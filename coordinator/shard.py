@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from llmtp.common.formats.checkpoint import load_checkpoint
+from llmtp.common.formats.load import load_model
 from llmtp.common.formats.manifest import Manifest
 from llmtp.common.formats.shard_file import write_shards
 
@@ -12,7 +12,7 @@ def run_shard(checkpoint_path: str | Path, n_workers: int, out_dir: str | Path, 
 
     A worker count outside 1..n_heads (or an int8 model whose heads cannot be cut on
     group boundaries) is a ConfigError raised before anything is written."""
-    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint = load_model(checkpoint_path)
     return write_shards(checkpoint, n_workers, out_dir, progress=progress)
 
 

@@ -134,3 +134,32 @@ def test_folder_with_only_tokenizer_model(exported, tmp_path):
     assert tokenizer.encode("Once upon a time") == prompt_ids
     assert greedy(LocalEngine.from_checkpoint(model), prompt_ids, 64) == all_ids
     assert "SentencePiece (tokenizer.model), 512 tokens" in describe_model(model, tokenizer)
+
+
+@pytest.mark.parametrize("workers", [None, 2])
+@pytest.mark.parametrize("source", [GGUF, HUGGING_FACE])
+def test_cli_generates_run_c_text_from_gguf_and_folder(exported, source, workers, tmp_path):
+    """Every command that takes a model takes these too: the file's own tokenizer, no -z."""
+    from cli_runner import run_llmtp
+
+    stdout, _, _ = reference_run("s260_once_t0_n64")
+    path = exported[source].path
+    flags = ["--workers", workers] if workers else []
+    result = run_llmtp("generate", path, "-t", 0, "-n", 64, "-i", "Once upon a time", *flags,
+                       env_extra={"LLMTP_CACHE_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == stdout + "\n"
+
+
+@pytest.mark.parametrize("source", [GGUF, HUGGING_FACE])
+def test_cli_inspect_and_shard_take_gguf_and_folder(exported, source, tmp_path):
+    from cli_runner import run_llmtp
+
+    path = exported[source].path
+    inspected = run_llmtp("inspect", path)
+    assert inspected.returncode == 0, inspected.stderr
+    assert "rope_theta:" in inspected.stdout and "512 tokens" in inspected.stdout
+    sharded = run_llmtp("shard", path, "--workers", 2, "-o", tmp_path / "shards")
+    assert sharded.returncode == 0, sharded.stderr
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [
+        "embedding.bin", "manifest.json", "shard-0-of-2.bin", "shard-1-of-2.bin"]

@@ -35,6 +35,16 @@ class LoadedModel:
     mapping: mmap.mmap | None = None  # llama2.c files: the map every weight views
     source: Any = field(default=None, repr=False)  # Checkpoint, GgufModel or HfModel
 
+    # What the shard writer and its manifest read of a Checkpoint.
+    @property
+    def group_size(self) -> int | None:
+        return self.source.group_size if self.source_format == LLAMA2C else None
+
+    @property
+    def version(self) -> int:
+        """The llama2.c version; -1 for a GGUF file or Hugging Face folder (manifests record it)."""
+        return self.source.version if self.source_format == LLAMA2C else -1
+
 
 def detect_format(path: str | os.PathLike) -> str:
     """LLAMA2C, GGUF or HUGGING_FACE from what is at `path`; FormatError if none fits."""
@@ -143,3 +153,46 @@ def describe_model(model: LoadedModel, tokenizer=None) -> str:
 def _shapes(config: ModelConfig) -> dict[str, tuple]:
     from .gguf_file import expected_shapes
     return expected_shapes(config) | {"classifier": (config.vocab_size, config.dim)}
+
+
+def model_config(path: str | os.PathLike) -> ModelConfig:
+    """The config alone, reading no weights (a GGUF's metadata, a folder's config.json, a
+    llama2.c header)."""
+    path = Path(path)
+    kind = detect_format(path)
+    if kind == GGUF:
+        from .gguf_file import open_llama_gguf
+        return open_llama_gguf(path)[2]
+    if kind == HUGGING_FACE:
+        from .hf_folder import read_config
+        return read_config(path)[0]
+    return load_checkpoint(path).config  # only maps the file
+
+
+def carries_tokenizer(path: str | os.PathLike) -> bool:
+    """A GGUF file or a Hugging Face folder holds its own tokenizer; a llama2.c file does not."""
+    return detect_format(path) in (GGUF, HUGGING_FACE)
+
+
+def open_tokenizer(path: str | os.PathLike, vocab_size: int, allow_longer: bool = False):
+    """The tokenizer at `path`: a tokenizer.bin or .model, or the one a GGUF file or Hugging Face
+    folder carries (read without its weights)."""
+    path = Path(path)
+    if path.is_dir() or (path.is_file() and detect_format(path) == GGUF):
+        kind = detect_format(path)
+        if kind == GGUF:
+            from .gguf_file import metadata, open_gguf
+            from .gguf_tokenizer import gguf_tokenizer
+            tokenizer = gguf_tokenizer(metadata(open_gguf(path), include_arrays=True), str(path))
+        elif not (path / "tokenizer.json").is_file() and (path / "tokenizer.model").is_file():
+            from .tokenizer import load_tokenizer
+            return load_tokenizer(path / "tokenizer.model", vocab_size, allow_longer=allow_longer)
+        else:
+            from .hf_tokenizer import load_hf_tokenizer
+            tokenizer = load_hf_tokenizer(path)
+        if tokenizer.vocab_size > vocab_size:
+            raise FormatError(f"{tokenizer.source}: the tokenizer has {tokenizer.vocab_size} tokens, more than "
+                              f"the model's {vocab_size} embedding rows")
+        return tokenizer
+    from .tokenizer import load_tokenizer
+    return load_tokenizer(path, vocab_size, allow_longer=allow_longer)

@@ -259,6 +259,18 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def sha256_model(path: str | Path) -> str:
+    """A model file's sha256; for a folder (Hugging Face), the sha256 of its files' names and
+    sha256s in name order, so a changed or renamed file changes it."""
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.iterdir() if p.is_file()):
+        digest.update(f"{file.name}\0{sha256_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
 # --- writing ------------------------------------------------------------------------------
 
 def manifest_dict(checkpoint, model_sha256: str, group_size: int | None, shards: list[ShardEntry],

@@ -38,7 +38,7 @@ from llmtp.common.errors import FormatError
 from .mapping import map_readonly
 from .progress import Progress
 from .manifest import (SHA256_PATTERN, FileEntry, Manifest, ShardEntry, config_from_dict, group_size_from, is_count,
-                       load_manifest, manifest_dict, sha256_file, spec_from_dict, write_manifest)
+                       load_manifest, manifest_dict, sha256_file, sha256_model, spec_from_dict, write_manifest)
 from llmtp.common.model.matrices import MATRIX_TYPES, Encoding, F32Matrix, Matrix
 from llmtp.common.model.q8_grouped import GroupedQ8Matrix
 from llmtp.common.model.slicing import check_cuts, column_granule, local_shape, named_matrices, slice_weights
@@ -154,7 +154,7 @@ def write_shards(checkpoint, n_workers: int, out_dir: str | Path, model_sha256: 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if model_sha256 is None:
-        model_sha256 = sha256_file(checkpoint.path)
+        model_sha256 = sha256_model(checkpoint.path)
 
     def file_contents(kind: str, spec: SliceSpec | None, named) -> tuple[dict, list]:
         header = _file_header(kind, config, spec, model_sha256, group_size)

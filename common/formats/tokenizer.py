@@ -106,6 +106,7 @@ class Tokenizer:
 
     bos_id = 1
     eos_id = 2
+    stop_ids = (1, 2)  # run.c stops on BOS; EOS ends a story too
     unk_id = 0
 
     def __init__(self, pieces: list[str], scores: list[float], kinds: list[str], source: str,

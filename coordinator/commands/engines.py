@@ -57,10 +57,14 @@ def resolve_model_paths(checkpoint: str | None, tokenizer: str | None) -> tuple[
             raise ConfigError(f"no checkpoint given and the bundled model {checkpoint_path} is missing")
     else:
         checkpoint_path = Path(checkpoint)
-        if not checkpoint_path.is_file():
-            problem = "is a folder, not a checkpoint file" if checkpoint_path.is_dir() else "no such checkpoint file"
-            raise ConfigError(f"{checkpoint_path}: {problem}")
-    if tokenizer is None:
+        if not checkpoint_path.exists():
+            raise ConfigError(f"{checkpoint_path}: no such checkpoint file or model folder")
+        if checkpoint_path.is_dir() and not (checkpoint_path / "config.json").is_file():
+            raise ConfigError(f"{checkpoint_path}: a folder without config.json, so not a Hugging Face model folder")
+    from llmtp.common.formats.load import carries_tokenizer
+    if tokenizer is None and carries_tokenizer(checkpoint_path):
+        tokenizer_path = checkpoint_path  # a GGUF file or Hugging Face folder holds its own
+    elif tokenizer is None:
         # A .model says how it normalizes whitespace; a tokenizer.bin cannot, so prefer the former.
         candidates = [checkpoint_path.parent / name for name in ("tokenizer.model", "tokenizer.bin")]
         tokenizer_path = next((path for path in candidates if path.exists()), None)
@@ -88,9 +92,9 @@ def plan_engine(options: EngineOptions) -> EnginePlan:
             local_cluster.open_local_engine(shard_folder, options.workers, n_slots=options.n_slots,
                                             timeout=reply_timeout(options)), options))
 
-    from llmtp.common.formats.checkpoint import load_checkpoint
+    from llmtp.common.formats.load import load_model
     from ..local_engine import LocalEngine
-    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint = load_model(checkpoint_path)
     return EnginePlan(checkpoint.config, tokenizer_path,
                       lambda: LocalEngine.from_checkpoint(checkpoint, n_slots=options.n_slots))
 

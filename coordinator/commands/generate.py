@@ -44,7 +44,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from llmtp.common.formats.tokenizer import load_tokenizer
+    from llmtp.common.formats.load import open_tokenizer
     from llmtp.common.model.sampler import Sampler, SamplerConfig
 
     from ..generate import generate, report_speed
@@ -53,8 +53,11 @@ def run(args) -> int:
     check_sampling_args(args)
     prompt = read_prompt(args.prompt, args.prompt_file)
     plan = plan_engine(EngineOptions.from_args(args))
-    tokenizer = load_tokenizer(plan.tokenizer_path, plan.config.vocab_size, allow_longer=args.any_tokenizer)
+    tokenizer = open_tokenizer(plan.tokenizer_path, plan.config.vocab_size, allow_longer=args.any_tokenizer)
     prompt_ids = tokenizer.encode(prompt, bos=True)
+    if not prompt_ids:
+        raise ConfigError("the prompt is empty and this model's tokenizer adds no BOS token: give a prompt (-i)")
+    starts_with_bos = tokenizer.bos_id is not None and prompt_ids[0] == tokenizer.bos_id
     steps = plan_steps(args.steps, len(prompt_ids), plan.config.seq_len)
     sampler_seed = args.seed if args.seed > 0 else int(time.time())
     sampler = Sampler(SamplerConfig(temperature=args.temperature, topp=args.topp, topk=args.topk,
@@ -62,7 +65,8 @@ def run(args) -> int:
 
     engine = plan.open()
     decoder = tokenizer.stream_decoder()
-    decoder.push(tokenizer.bos_id)
+    if starts_with_bos:
+        decoder.push(prompt_ids[0])
 
     def emit(token: int) -> None:
         sys.stdout.write(decoder.push(token))
@@ -70,7 +74,7 @@ def run(args) -> int:
 
     try:
         result = generate(engine, sampler, prompt_ids, steps, on_token=emit,
-                          stop_ids=(tokenizer.bos_id, tokenizer.eos_id))
+                          stop_ids=tokenizer.stop_ids, echo_from=1 if starts_with_bos else 0)
     finally:
         sys.stdout.write(decoder.flush() + "\n")
         sys.stdout.flush()

@@ -1,13 +1,14 @@
-"""`llmtp inspect CHECKPOINT`: its format, shapes and sizes."""
+"""`llmtp inspect MODEL`: its format, shapes, stored types, tokenizer and sizes."""
 
 
 def register(subparsers) -> None:
-    insp = subparsers.add_parser("inspect", help="print a checkpoint's format, shapes and sizes")
-    insp.add_argument("checkpoint")
+    insp = subparsers.add_parser("inspect", help="print a model's format, shapes, stored types and tokenizer")
+    insp.add_argument("checkpoint", help="llama2.c file, GGUF file or Hugging Face folder")
     insp.set_defaults(handler=run)
 
 
 def run(args) -> int:
-    from llmtp.common.formats.checkpoint import describe_checkpoint, load_checkpoint
-    print(describe_checkpoint(load_checkpoint(args.checkpoint)))
+    from llmtp.common.formats.load import describe_model, load_model, load_model_tokenizer
+    model = load_model(args.checkpoint)
+    print(describe_model(model, load_model_tokenizer(model)))
     return 0
