@@ -312,7 +312,7 @@ def _take_matrix(arrays: dict, name: str, shape: tuple, encodings: dict | None, 
             raise FormatError(f"{path}: tensor {part_name} is missing")
         array = arrays.pop(part_name)
         if array.dtype != part.dtype or array.shape != part.shape:
-            raise FormatError(f"{path}: tensor {part_name} is {array.dtype} {array.shape}, "
+            raise FormatError(f"{path}: tensor {part_name} has dtype {array.dtype} shape {array.shape}, "
                               f"expected {part.dtype.name} {part.shape}")
         parts.append(array)
     return cls.from_parts(shape, encoding.params, parts)
@@ -323,7 +323,8 @@ def _take_vector(arrays: dict, name: str, shape: tuple, path: Path) -> np.ndarra
         raise FormatError(f"{path}: tensor {name} is missing")
     array = arrays.pop(name)
     if array.dtype != DTYPES["float32"] or array.shape != shape:
-        raise FormatError(f"{path}: tensor {name} is {array.dtype} {array.shape}, expected float32 {shape}")
+        raise FormatError(f"{path}: tensor {name} has dtype {array.dtype} shape {array.shape}, "
+                          f"expected float32 {shape}")
     return array
 
 

@@ -6,6 +6,7 @@ Cuts are views where possible, so nothing is read from a mapped checkpoint until
 written.
 """
 
+from math import lcm
 from typing import Iterator
 
 from .config import ModelConfig
@@ -61,12 +62,14 @@ def check_cuts(weights: ModelWeights | ShardWeights, config: ModelConfig, spec: 
 
 
 def column_granule(weights: ModelWeights | ShardWeights) -> int:
-    """The granule the hidden (FFN) ranges must be cut in: w2's column blocks."""
-    return max((layer.w2.col_granule for layer in weights.layers), default=1)
+    """The granule the hidden (FFN) ranges must be cut in: whole column blocks of w2 and
+    whole row blocks of w1 and w3, in every layer."""
+    return lcm(*(granule for layer in weights.layers
+                 for granule in (layer.w2.col_granule, layer.w1.row_granule, layer.w3.row_granule)))
 
 
 def slice_weights(weights: ModelWeights | ShardWeights, spec: SliceSpec, config: ModelConfig) -> ShardWeights:
-    """One worker's share of the whole model, as SPLIT_TABLE says: views where possible
+    """One worker's share of the whole model, as the tensor table says: views where possible
     (row cuts and fp32 column cuts), so nothing is read until it is used or written."""
     check_cuts(weights, config, spec)
     first, stop = spec.layers
