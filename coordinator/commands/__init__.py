@@ -1,0 +1,1 @@
+"""One module per `llmtp` command, each exposing register(subparsers)."""
