@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default 1; 0 = share all cores, as generate does)")
     bench.set_defaults(handler=cmd_bench)
 
+    from .commands import chat, serve; chat.register(commands); serve.register(commands)  # noqa: E702
+
     insp = commands.add_parser("inspect", help="print a checkpoint's format, shapes and sizes")
     insp.add_argument("checkpoint")
     insp.set_defaults(handler=cmd_inspect)

@@ -2,7 +2,6 @@
 the same tokens alone, batched with 7 others, joining and leaving mid-stream, chunked prefill."""
 
 import queue
-import threading
 
 import pytest
 
@@ -13,6 +12,8 @@ from llmtp.coordinator.cli import DEFAULT_MODEL_DIR
 from llmtp.coordinator.generate import generate
 from llmtp.coordinator.local_engine import LocalEngine
 from llmtp.coordinator.serve.scheduler import Finished, Rejected, SamplingParams, Scheduler, TextDelta
+
+from serve_tools import GatedEngine
 
 DEADLINE_S = 120
 PROMPTS = ["ROMEO:", "Now is the winter", "To be, or not to be, that is the question:", "KING",
@@ -159,19 +160,6 @@ def test_stop_string_cuts_the_text_before_it(model):
         scheduler.close()
     assert finished.reason == "stop"
     assert stopped.text == full.text[:full.text.index(stop)]
-
-
-class GatedEngine:
-    """An engine that runs a step only when the test hands it a permit, so that what happens
-    between steps is fixed by the test, not by thread timing."""
-
-    def __init__(self, engine):
-        self.engine, self.config, self.n_slots = engine, engine.config, engine.n_slots
-        self.permits = threading.Semaphore(0)
-
-    def step(self, tokens, sequences, all_logits=False):
-        assert self.permits.acquire(timeout=DEADLINE_S)
-        return self.engine.step(tokens, sequences, all_logits)
 
 
 def gated_scheduler(model, **kwargs):
