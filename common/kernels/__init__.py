@@ -1,0 +1,151 @@
+"""Matrix products that read quantized weight blocks directly: y = x @ W.T, W (rows, cols).
+
+Activations x (T, cols) float32 are quantized once per product to int8 blocks (scale
+max|x| / 127 per block); each weight block meets its activation block in an int32 dot
+product and one float multiply-add. Nothing expands W to float32.
+
+Backends, chosen once at import: "avx2" (C, AVX2+FMA+F16C, when the CPU has them),
+"portable" (C, plain loops), "numpy" (fallback.py, when the C extension did not build or
+load; said once on stderr). LLMTP_KERNELS=portable or =numpy forces a slower one;
+use_backend() switches at run time (tests). n_threads: default 1, since a worker is one
+process per core; n > 1 splits rows over n pthreads created and joined per product.
+"""
+
+import os
+import sys
+
+import numpy as np
+
+from . import fallback
+from .layout import BLOCK_BYTES, FORMAT_CODES, QK, row_bytes
+
+try:
+    from . import _native
+except ImportError as error:  # no compiler at install time, or a broken build
+    _native = None
+    _NATIVE_PROBLEM = f"C extension not loaded ({error})"
+else:
+    _NATIVE_PROBLEM = None
+
+BACKENDS = ("avx2", "portable", "numpy")
+_ISA = {"portable": 0, "avx2": 1}
+
+
+def available_backends() -> list[str]:
+    """The backends this process can run, fastest first."""
+    if _native is None:
+        return ["numpy"]
+    return (["avx2"] if _native.cpu_has_avx2() else []) + ["portable", "numpy"]
+
+
+def _initial_backend() -> str:
+    forced = os.environ.get("LLMTP_KERNELS", "").strip().lower()
+    available = available_backends()
+    if forced:
+        if forced not in BACKENDS:
+            sys.stderr.write(f"llmtp: LLMTP_KERNELS={forced!r} is not one of {', '.join(BACKENDS)}; ignored\n")
+        elif forced in available:
+            return forced
+        else:
+            sys.stderr.write(f"llmtp: LLMTP_KERNELS={forced} is not available here; using {available[0]}\n")
+    if _NATIVE_PROBLEM:
+        sys.stderr.write(f"llmtp: quantized kernels run in numpy (slow): {_NATIVE_PROBLEM}\n")
+    return available[0]
+
+
+_backend = _initial_backend()
+
+
+def backend() -> str:
+    """The backend products run on now."""
+    return _backend
+
+
+def backend_info() -> str:
+    """One line for `llmtp inspect`-style reports."""
+    note = f"; {_NATIVE_PROBLEM}" if _NATIVE_PROBLEM else ""
+    return f"quantized kernels: {_backend} (available: {', '.join(available_backends())}){note}"
+
+
+def use_backend(name: str) -> str:
+    """Switch backend; returns the previous one. ValueError when `name` cannot run here."""
+    global _backend
+    if name not in available_backends():
+        raise ValueError(f"kernel backend {name!r} not available here (available: {', '.join(available_backends())})")
+    previous, _backend = _backend, name
+    return previous
+
+
+def _activations(x: np.ndarray, cols: int) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2 or x.shape[1] != cols:
+        raise ValueError(f"x has shape {x.shape}, expected (T, {cols})")
+    return x
+
+
+def _output(out: np.ndarray | None, tokens: int, rows: int) -> np.ndarray:
+    if out is None:
+        return np.empty((tokens, rows), dtype=np.float32)
+    if out.dtype != np.float32 or out.shape != (tokens, rows) or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous float32 of shape {(tokens, rows)}, got {out.dtype} {out.shape}")
+    return out
+
+
+def _matmul_gguf(fmt: str, blocks: np.ndarray, x: np.ndarray, out, n_threads: int) -> np.ndarray:
+    if blocks.dtype != np.uint8 or blocks.ndim != 2 or blocks.shape[1] % BLOCK_BYTES[fmt]:
+        raise ValueError(f"{fmt} blocks must be uint8 (rows, n_blocks * {BLOCK_BYTES[fmt]}), "
+                         f"got {blocks.dtype} {blocks.shape}")
+    rows, cols = blocks.shape[0], blocks.shape[1] // BLOCK_BYTES[fmt] * QK
+    x = _activations(x, cols)
+    out = _output(out, x.shape[0], rows)
+    blocks = np.ascontiguousarray(blocks)
+    if _backend == "numpy":
+        return fallback.matmul_gguf(fmt, blocks, x, out)
+    _native.matmul(FORMAT_CODES[fmt], _ISA[_backend], blocks, b"", QK, rows, cols, x, x.shape[0], out, n_threads)
+    return out
+
+
+def matmul_q8_0(blocks: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, n_threads: int = 1) -> np.ndarray:
+    """GGUF Q8_0 blocks (rows, cols/32*34) uint8, x (T, cols) or (cols,) -> (T, rows) float32."""
+    return _matmul_gguf("q8_0", blocks, x, out, n_threads)
+
+
+def matmul_q4_0(blocks: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, n_threads: int = 1) -> np.ndarray:
+    """GGUF Q4_0 blocks (rows, cols/32*18) uint8, x (T, cols) or (cols,) -> (T, rows) float32."""
+    return _matmul_gguf("q4_0", blocks, x, out, n_threads)
+
+
+def matmul_q4_1(blocks: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, n_threads: int = 1) -> np.ndarray:
+    """GGUF Q4_1 blocks (rows, cols/32*20) uint8, x (T, cols) or (cols,) -> (T, rows) float32."""
+    return _matmul_gguf("q4_1", blocks, x, out, n_threads)
+
+
+def matmul_llama2c_q8(values: np.ndarray, scales: np.ndarray, group_size: int, x: np.ndarray,
+                      out: np.ndarray | None = None, n_threads: int = 1) -> np.ndarray:
+    """llama2.c v2 int8 values (rows, cols), float32 scales (rows * cols / group_size,) ->
+    (T, rows) float32, computed as runq.c computes it: x quantized per group of group_size
+    (scale max|x| / 127, x / scale rounded half away from zero), an int32 sum per group, then
+    val += (float)ival * w_scale * x_scale in group order, rounded step by step in float32.
+    Every backend gives the same bits."""
+    if values.dtype != np.int8 or values.ndim != 2:
+        raise ValueError(f"values must be int8 (rows, cols), got {values.dtype} {values.shape}")
+    rows, cols = values.shape
+    if group_size < 1 or cols % group_size:
+        raise ValueError(f"group_size {group_size} does not divide cols {cols}")
+    scales = np.ascontiguousarray(scales, dtype=np.float32).reshape(-1)
+    if scales.size != rows * cols // group_size:
+        raise ValueError(f"scales hold {scales.size} values, expected {rows * cols // group_size}")
+    x = _activations(x, cols)
+    out = _output(out, x.shape[0], rows)
+    values = np.ascontiguousarray(values)
+    if _backend == "numpy":
+        return fallback.matmul_llama2c(values, scales, group_size, x, out)
+    _native.matmul(FORMAT_CODES["llama2c_q8"], _ISA[_backend], values, scales, group_size, rows, cols, x,
+                   x.shape[0], out, n_threads)
+    return out
+
+
+__all__ = ["matmul_q8_0", "matmul_q4_0", "matmul_q4_1", "matmul_llama2c_q8", "backend", "backend_info",
+           "use_backend", "available_backends", "row_bytes", "QK", "BLOCK_BYTES"]

@@ -1,0 +1,233 @@
+/* The per-row kernels: integer dot products per block, one float multiply-add per block.
+ *
+ * Every AVX2 function carries its own target attribute and is only called after
+ * cpu_has_avx2(), so the same binary runs on CPUs without AVX2. The file is compiled with
+ * -ffp-contract=off: the llama2.c mode must round (float)ival * ws * xs exactly as runq.c's
+ * C source does (two products, then the sum), never through a fused multiply-add. */
+#include "dot.h"
+
+#include <math.h>
+#include <string.h>
+#include <immintrin.h>
+
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+int cpu_has_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+size_t block_bytes(int format) {
+    switch (format) {
+    case FMT_Q8_0: return 2 + QK;
+    case FMT_Q4_0: return 2 + QK / 2;
+    case FMT_Q4_1: return 4 + QK / 2;
+    default: return 0;
+    }
+}
+
+static float fp16_to_float(const uint8_t *bytes) {
+    uint16_t h = (uint16_t)(bytes[0] | (bytes[1] << 8)); /* GGUF is little-endian */
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff, bits;
+    if (exponent == 0) {
+        float magnitude = (float)mantissa * (1.0f / 16777216.0f); /* subnormal: mantissa * 2^-24 */
+        return sign ? -magnitude : magnitude;
+    }
+    if (exponent == 31)
+        bits = sign | 0x7f800000u | (mantissa << 13);
+    else
+        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+/* ---- activations ---- */
+
+static void quantize_group(const float *x, int n, int runq_rule, int8_t *q, float *scale, float *sum) {
+    float amax = 0.0f;
+    for (int i = 0; i < n; i++) {
+        float magnitude = fabsf(x[i]);
+        if (magnitude > amax) amax = magnitude;
+    }
+    float d = amax / 127.0f, inverse = d > 0.0f ? 1.0f / d : 0.0f;
+    int total = 0;
+    for (int i = 0; i < n; i++) {
+        /* runq.c divides by the scale (0/0 there gives 0 after the int8 cast); llama.cpp multiplies */
+        float ratio = runq_rule ? (d > 0.0f ? x[i] / d : 0.0f) : x[i] * inverse;
+        q[i] = (int8_t)roundf(ratio);
+        total += q[i];
+    }
+    *scale = d;
+    if (sum) *sum = d * (float)total;
+}
+
+void quantize_activations(const product_t *p, const float *x, int8_t *xq, float *xscale, float *xsum) {
+    int runq_rule = p->format == FMT_LLAMA2C_Q8, group = runq_rule ? p->group_size : QK;
+    int groups = p->cols / group;
+    for (int t = 0; t < p->tokens; t++)
+        for (int g = 0; g < groups; g++) {
+            size_t at = (size_t)t * groups + g;
+            quantize_group(x + (size_t)t * p->cols + (size_t)g * group, group, runq_rule,
+                           xq + (size_t)t * p->cols + (size_t)g * group, xscale + at,
+                           p->format == FMT_Q4_1 ? xsum + at : NULL);
+        }
+}
+
+/* ---- portable rows ---- */
+
+static float row_q8_0(const uint8_t *row, const int8_t *xq, const float *xs, int nb) {
+    float acc = 0.0f;
+    for (int b = 0; b < nb; b++, row += 2 + QK, xq += QK) {
+        const int8_t *w = (const int8_t *)(row + 2);
+        int32_t isum = 0;
+        for (int k = 0; k < QK; k++) isum += (int32_t)w[k] * xq[k];
+        acc += fp16_to_float(row) * xs[b] * (float)isum;
+    }
+    return acc;
+}
+
+/* Q4_0 and Q4_1: byte k holds value k in its low nibble and value k + 16 in its high one. */
+static int32_t nibble_dot(const uint8_t *nibbles, const int8_t *xq, int offset) {
+    int32_t isum = 0;
+    for (int k = 0; k < QK / 2; k++)
+        isum += ((nibbles[k] & 0x0f) - offset) * xq[k] + ((nibbles[k] >> 4) - offset) * xq[k + QK / 2];
+    return isum;
+}
+
+static float row_q4_0(const uint8_t *row, const int8_t *xq, const float *xs, int nb) {
+    float acc = 0.0f;
+    for (int b = 0; b < nb; b++, row += 2 + QK / 2, xq += QK)
+        acc += fp16_to_float(row) * xs[b] * (float)nibble_dot(row + 2, xq, 8);
+    return acc;
+}
+
+static float row_q4_1(const uint8_t *row, const int8_t *xq, const float *xs, const float *xsum, int nb) {
+    float acc = 0.0f;
+    for (int b = 0; b < nb; b++, row += 4 + QK / 2, xq += QK)
+        acc += fp16_to_float(row) * xs[b] * (float)nibble_dot(row + 4, xq, 0) + fp16_to_float(row + 2) * xsum[b];
+    return acc;
+}
+
+/* runq.c's matmul, one row: int32 sum per group, then val += (float)ival * ws * xs in group order. */
+static float row_llama2c(const int8_t *w, const float *ws, const int8_t *xq, const float *xs, int cols, int gs) {
+    float val = 0.0f;
+    for (int j = 0, g = 0; j + gs <= cols; j += gs, g++) {
+        int32_t ival = 0;
+        for (int k = 0; k < gs; k++) ival += (int32_t)xq[j + k] * (int32_t)w[j + k];
+        val += ((float)ival) * ws[g] * xs[g];
+    }
+    return val;
+}
+
+/* ---- AVX2 rows ---- */
+
+AVX2 static inline __m256i dot32_avx2(__m256i w, __m256i x) {
+    /* maddubs wants unsigned x signed: move w's sign onto x. |w| <= 128, |x| <= 127: no int16 overflow. */
+    __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
+AVX2 static inline float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+AVX2 static inline int32_t hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+AVX2 static inline float half_avx2(const uint8_t *bytes) {
+    uint16_t h;
+    memcpy(&h, bytes, 2);
+    return _cvtsh_ss(h);
+}
+
+AVX2 static inline __m256i nibbles_avx2(const uint8_t *bytes) {
+    __m128i raw = _mm_loadu_si128((const __m128i *)bytes), low4 = _mm_set1_epi8(0x0f);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low4), _mm_and_si128(raw, low4));
+}
+
+AVX2 static float row_q8_0_avx2(const uint8_t *row, const int8_t *xq, const float *xs, int nb) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++, row += 2 + QK, xq += QK) {
+        __m256i w = _mm256_loadu_si256((const __m256i *)(row + 2)), x = _mm256_loadu_si256((const __m256i *)xq);
+        __m256 scale = _mm256_set1_ps(half_avx2(row) * xs[b]);
+        acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot32_avx2(w, x)), acc);
+    }
+    return hsum_ps(acc);
+}
+
+AVX2 static float row_q4_0_avx2(const uint8_t *row, const int8_t *xq, const float *xs, int nb) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++, row += 2 + QK / 2, xq += QK) {
+        __m256i w = _mm256_sub_epi8(nibbles_avx2(row + 2), _mm256_set1_epi8(8));
+        __m256i x = _mm256_loadu_si256((const __m256i *)xq);
+        __m256 scale = _mm256_set1_ps(half_avx2(row) * xs[b]);
+        acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot32_avx2(w, x)), acc);
+    }
+    return hsum_ps(acc);
+}
+
+AVX2 static float row_q4_1_avx2(const uint8_t *row, const int8_t *xq, const float *xs, const float *xsum, int nb) {
+    __m256 acc = _mm256_setzero_ps();
+    float offsets = 0.0f;
+    for (int b = 0; b < nb; b++, row += 4 + QK / 2, xq += QK) {
+        __m256i x = _mm256_loadu_si256((const __m256i *)xq);
+        __m256i pairs = _mm256_maddubs_epi16(nibbles_avx2(row + 4), x); /* nibbles are unsigned */
+        __m256i sums = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half_avx2(row) * xs[b]), _mm256_cvtepi32_ps(sums), acc);
+        offsets += half_avx2(row + 2) * xsum[b];
+    }
+    return hsum_ps(acc) + offsets;
+}
+
+/* Same rounding as row_llama2c: the int32 group sums are exact in any order. */
+AVX2 static float row_llama2c_avx2(const int8_t *w, const float *ws, const int8_t *xq, const float *xs,
+                                   int cols, int gs) {
+    float val = 0.0f;
+    for (int j = 0, g = 0; j + gs <= cols; j += gs, g++) {
+        __m256i sums = _mm256_setzero_si256();
+        for (int k = 0; k < gs; k += QK)
+            sums = _mm256_add_epi32(sums, dot32_avx2(_mm256_loadu_si256((const __m256i *)(w + j + k)),
+                                                     _mm256_loadu_si256((const __m256i *)(xq + j + k))));
+        int32_t ival = hsum_epi32(sums);
+        val += ((float)ival) * ws[g] * xs[g];
+    }
+    return val;
+}
+
+/* ---- dispatch ---- */
+
+static float row_product(const product_t *p, int r, int t) {
+    const uint8_t *row = p->weights + (size_t)r * p->row_bytes;
+    const int8_t *xq = p->xq + (size_t)t * p->cols;
+    int avx2 = p->isa == ISA_AVX2, nb = p->cols / QK;
+    const float *xs = p->xscale + (size_t)t * (p->cols / (p->format == FMT_LLAMA2C_Q8 ? p->group_size : QK));
+    switch (p->format) {
+    case FMT_Q8_0: return avx2 ? row_q8_0_avx2(row, xq, xs, nb) : row_q8_0(row, xq, xs, nb);
+    case FMT_Q4_0: return avx2 ? row_q4_0_avx2(row, xq, xs, nb) : row_q4_0(row, xq, xs, nb);
+    case FMT_Q4_1: {
+        const float *xsum = p->xsum + (size_t)t * nb;
+        return avx2 ? row_q4_1_avx2(row, xq, xs, xsum, nb) : row_q4_1(row, xq, xs, xsum, nb);
+    }
+    default: {
+        const float *ws = p->wscales + (size_t)r * (p->cols / p->group_size);
+        if (avx2 && p->group_size % QK == 0)
+            return row_llama2c_avx2((const int8_t *)row, ws, xq, xs, p->cols, p->group_size);
+        return row_llama2c((const int8_t *)row, ws, xq, xs, p->cols, p->group_size);
+    }
+    }
+}
+
+void product_rows(const product_t *p, int row_begin, int row_end) {
+    /* rows outer, tokens inner: a weight row is read from memory once for all T tokens */
+    for (int r = row_begin; r < row_end; r++)
+        for (int t = 0; t < p->tokens; t++)
+            p->out[(size_t)t * p->rows + r] = row_product(p, r, t);
+}
