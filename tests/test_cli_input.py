@@ -97,6 +97,14 @@ def test_cluster_with_a_checkpoint_is_refused(stories260k, tmp_path):
     assert_one_line_error(result, "--cluster", "CHECKPOINT")
 
 
+def test_more_workers_than_cores_gets_a_notice(stories260k):
+    one_core = next(iter(os.sched_getaffinity(0)))
+    result = run_llmtp("generate", stories260k["model"], "-z", stories260k["tokenizer"], "-t", 0, "-n", 8,
+                       "-w", 2, preexec_fn=lambda: os.sched_setaffinity(0, {one_core}))
+    assert result.returncode == 0, result.stderr
+    assert "--workers 2 is more than the 1 usable core;" in result.stderr
+
+
 # --- a tokenizer of another model -------------------------------------------------------------
 
 def test_longer_tokenizer_is_refused_unless_any_tokenizer(stories260k):

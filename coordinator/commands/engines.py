@@ -5,6 +5,7 @@ model and returns what generate needs before it opens anything.
 Every opener passes n_slots, and returns a complete engine: one with workers comes wrapped
 in RecoveringEngine (survive losing a worker), so callers never probe what they hold."""
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -87,6 +88,7 @@ def plan_engine(options: EngineOptions) -> EnginePlan:
     if options.workers:
         from llmtp.common.formats.manifest import load_manifest
         from llmtp.coordinator import local_cluster
+        warn_if_oversubscribed(options.workers, len(local_cluster.usable_cpus()))
         shard_folder = local_cluster.ensure_shards(checkpoint_path, options.workers)
         return EnginePlan(load_manifest(shard_folder).config, tokenizer_path, lambda: recovering(
             local_cluster.open_local_engine(shard_folder, options.workers, n_slots=options.n_slots,
@@ -97,6 +99,14 @@ def plan_engine(options: EngineOptions) -> EnginePlan:
     checkpoint = load_model(checkpoint_path)
     return EnginePlan(checkpoint.config, tokenizer_path,
                       lambda: LocalEngine.from_checkpoint(checkpoint, n_slots=options.n_slots))
+
+
+def warn_if_oversubscribed(n_workers: int, n_cores: int) -> None:
+    """More workers than cores: every sync waits for a worker the scheduler has not run yet."""
+    if n_workers > n_cores:
+        print(f"llmtp: notice: --workers {n_workers} is more than the {n_cores} usable core"
+              f"{'s' if n_cores > 1 else ''}; the workers share cores and decode much slower "
+              f"(use at most {n_cores})", file=sys.stderr)
 
 
 def plan_cluster_engine(options: EngineOptions) -> EnginePlan:
