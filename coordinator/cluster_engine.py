@@ -18,11 +18,15 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from llmtp.common.exchange.modes import ReduceMode, choose_reduce_mode
+from llmtp.common.exchange.relay import relay_step
+from llmtp.common.exchange.shm import SharedSegment
 from llmtp.common.wire import protocol, security
+from llmtp.common.wire.messages import (Bye, Connected, Error, Hello, Logits, Partial, Peers, Ping, Pong, Ready,
+                                        Shutdown, Step, WireMessage)
 from llmtp.common.model.config import ModelConfig
 from llmtp.common.errors import ProtocolError, WorkerError
-from llmtp.common.wire.protocol import Message
-from llmtp.common.model.transformer import StepSequence
+from llmtp.common.model.transformer import StepSequence, syncs_per_step
 from llmtp.common.model.weights import Matrix, embed_tokens
 
 from .engine import Engine, StepTiming, WorkerStats
@@ -47,7 +51,7 @@ class WorkerLink:
     socket: zmq.Socket | None = None
     monitor: zmq.Socket | None = None  # connection events of `socket`
     exit_fd: int | None = None  # pidfd that becomes readable when `process` exits
-    info: dict | None = None  # the READY header
+    info: Ready | None = None  # the handshake's answer
     poller: zmq.Poller | None = None  # this socket, plus every link's monitor and exit fd
 
     @property
@@ -58,12 +62,13 @@ class WorkerLink:
 class ClusterEngine(Engine):
     def __init__(self, config: ModelConfig, embedding: Matrix, endpoints: Sequence[str], model_sha256: str,
                  n_slots: int = 1, timeout: float = 30.0, processes: Sequence | None = None,
-                 reduce: str = "peers", liveness: float = 5.0, keys: security.CoordinatorKeys | None = None):
-        """reduce: "peers" (workers exchange partials directly; the default, measured faster)
-        or "star" (through this coordinator). timeout bounds every wait for a reply;
-        liveness bounds how long a silent connection counts as alive. keys: CURVE on every
-        link (the workers must hold the matching worker key pair and allow our public key)."""
-        assert reduce in protocol.REDUCE_MODES, reduce
+                 reduce: str = "peers", liveness: float = 5.0, keys: security.CoordinatorKeys | None = None,
+                 secret: str | None = None):
+        """reduce: a ReduceMode ("peers": workers exchange partials directly, the default,
+        measured faster; "star": through this coordinator; "shm": shared memory, local only).
+        timeout bounds every wait for a reply; liveness bounds how long a silent connection
+        counts as alive. keys: CURVE on every link (the workers must hold the matching worker
+        key pair and allow our public key). secret: what unkeyed workers started with one expect."""
         self.config = config
         self.embedding = embedding
         self.model_sha256 = model_sha256
@@ -71,8 +76,9 @@ class ClusterEngine(Engine):
         self.timeout = timeout
         self.liveness = liveness
         self.keys = keys
-        self.shared_memory = None  # the "shm" reduce mode's segment of the current session
-        self.reduce_mode = reduce if len(endpoints) > 1 else "star"
+        self.secret = secret
+        self.shared_memory: SharedSegment | None = None  # the "shm" reduce mode's segment of the current session
+        self.reduce_mode = choose_reduce_mode(len(endpoints), ReduceMode(reduce))
         self.step_id = 0
         self.last_step_timing: list[dict] = []  # per worker: forward_s, reduce_s of the last step
         self.context = zmq.Context()
@@ -111,13 +117,13 @@ class ClusterEngine(Engine):
                 if other.exit_fd is not None:
                     link.poller.register(other.exit_fd, zmq.POLLIN)
 
-    def close_links(self, last_word: bytes | None = None) -> None:
+    def close_links(self, last_word: WireMessage | None = None) -> None:
         for link in self.links:
             if link.socket is None:
                 continue
             if last_word:
                 try:
-                    protocol.send(link.socket, last_word)
+                    self.send(link, last_word)
                 except zmq.ZMQError:
                     pass
         if last_word:
@@ -133,36 +139,25 @@ class ClusterEngine(Engine):
 
     def handshake(self, timeout: float) -> None:
         session = uuid.uuid4().hex
-        hello = {"protocol_version": protocol.PROTOCOL_VERSION, "model_sha256": self.model_sha256,
-                 "n_shards": len(self.links), "n_slots": self.n_slots, "session": session,
-                 "reduce": self.reduce_mode}
-        if self.reduce_mode == "shm":
-            hello.update(self.new_shared_memory())
+        shm_name = shm_rows = None
+        if self.reduce_mode is ReduceMode.SHM:
+            # A fresh, zeroed segment each session: a restarted worker must not see stale counters.
+            self.release_shared_memory()
+            shm_rows = min(self.config.seq_len, SHM_CAPACITY_ROWS)
+            self.shared_memory = SharedSegment(len(self.links), shm_rows, self.config.dim)
+            shm_name = self.shared_memory.name
         for link in self.links:
-            protocol.send(link.socket, protocol.HELLO, {**hello, "shard_index": link.index})
+            self.send(link, Hello(protocol.PROTOCOL_VERSION, self.model_sha256, link.index, len(self.links),
+                                  self.n_slots, session, self.reduce_mode.value, shm_name, shm_rows, self.secret))
         deadline = time.monotonic() + timeout
         for link in self.links:
-            link.info = self.receive(link, protocol.READY, deadline, "handshake").header
-        if self.reduce_mode in ("peers", "shm"):  # shm falls back to the peers for long prefills
+            link.info = self.receive(link, Ready, deadline, "handshake")
+        if self.reduce_mode in (ReduceMode.PEERS, ReduceMode.SHM):  # shm falls back to the peers for long prefills
             self.connect_peers(session, deadline)
-
-    def new_shared_memory(self) -> dict:
-        """A fresh, zeroed segment for this session's shared-memory all-reduce (the old one,
-        if any, is released: a restarted worker must not see stale counters)."""
-        from multiprocessing import shared_memory
-
-        from llmtp.common.exchange.shm import segment_bytes
-        self.release_shared_memory()
-        rows = min(self.config.seq_len, SHM_CAPACITY_ROWS)
-        self.shared_memory = shared_memory.SharedMemory(
-            create=True, size=segment_bytes(len(self.links), rows, self.config.dim))
-        self.shared_memory.buf[:] = bytes(self.shared_memory.size)
-        return {"shm_name": self.shared_memory.name, "shm_rows": rows}
 
     def release_shared_memory(self) -> None:
         if self.shared_memory is not None:
-            self.shared_memory.close()
-            self.shared_memory.unlink()
+            self.shared_memory.release()
             self.shared_memory = None
 
     def connect_peers(self, session: str, deadline: float) -> None:
@@ -170,11 +165,13 @@ class ClusterEngine(Engine):
         endpoints = []
         for link in self.links:
             host = link.endpoint[len("tcp://"):].rsplit(":", 1)[0]
-            endpoints.append(f"tcp://{host}:{link.info['peer_port']}")
+            if link.info.peer_port is None:
+                raise ProtocolError(f"{link.name} has no peer inbox for reduce {self.reduce_mode.value!r}")
+            endpoints.append(f"tcp://{host}:{link.info.peer_port}")
         for link in self.links:
-            protocol.send(link.socket, protocol.PEERS, {"session": session, "endpoints": endpoints})
+            self.send(link, Peers(session, tuple(endpoints)))
         for link in self.links:
-            self.receive(link, protocol.CONNECTED, deadline, "peer connection")
+            self.receive(link, Connected, deadline, "peer connection")
 
     def recover(self, wait_seconds: float, lost: set[int] = frozenset()) -> None:
         """Reconnect to every worker and open a new session, retrying until wait_seconds
@@ -195,57 +192,52 @@ class ClusterEngine(Engine):
     def step(self, tokens: np.ndarray, sequences: Sequence[StepSequence], all_logits: bool = False) -> np.ndarray:
         self.step_id += 1
         x = embed_tokens(self.embedding, np.asarray(tokens, dtype=np.int64))
-        header = {"step_id": self.step_id, "all_logits": all_logits,
-                  "sequences": [[s.slot, s.start_position, s.n_tokens] for s in sequences]}
+        step = Step(self.step_id, tuple((s.slot, s.start_position, s.n_tokens) for s in sequences), x, all_logits)
         for link in self.links:
-            protocol.send(link.socket, protocol.STEP, header, [x])
-        if self.reduce_mode == "star" and len(self.links) > 1:
-            for sync in range(2 * self.config.n_layers):
-                self.reduce(sync, np.empty_like(x))
+            self.send(link, step)
+        if self.reduce_mode is ReduceMode.STAR and len(self.links) > 1:
+            relay_step(len(self.links), syncs_per_step(self.config.n_layers), x.shape[0], x.shape[1],
+                       self.receive_partial, self.send_to_all, self.step_id)
         deadline = time.monotonic() + self.timeout
-        replies = [self.receive(link, protocol.LOGITS, deadline, f"step {self.step_id}") for link in self.links]
-        self.last_step_timing = [{key: reply.header.get(key, 0.0) for key in ("forward_s", "reduce_s")}
-                                 for reply in replies]
-        return np.concatenate([reply.arrays[0] for reply in replies], axis=1)
+        replies = [self.receive(link, Logits, deadline, f"step {self.step_id}") for link in self.links]
+        self.last_step_timing = [{"forward_s": reply.forward_s, "reduce_s": reply.reduce_s} for reply in replies]
+        return np.concatenate([reply.logits for reply in replies], axis=1)
 
-    def reduce(self, sync: int, total: np.ndarray) -> None:
-        """Sum every worker's partial for this sync into `total` and send it back to all.
+    def receive_partial(self, index: int, sync: int) -> Partial:
+        """Worker `index`'s PARTIAL for this step's `sync` (reduce "star")."""
+        link, state = self.links[index], f"step {self.step_id} sync {sync}"
+        partial = self.receive(link, Partial, time.monotonic() + self.timeout, state)
+        if partial.step_id != self.step_id or partial.sync != sync or partial.partial.shape[1] != self.config.dim:
+            raise ProtocolError(f"{link.name} sent a PARTIAL that does not match {state}")
+        return partial
 
-        `total` must be fresh each sync: a zero-copy send may still be reading it."""
-        deadline = time.monotonic() + self.timeout
-        state = f"step {self.step_id} sync {sync}"
-        for position, link in enumerate(self.links):
-            message = self.receive(link, protocol.PARTIAL, deadline, state)
-            if message.header.get("step_id") != self.step_id or message.header.get("sync") != sync \
-                    or len(message.arrays) != 1 or message.arrays[0].shape != total.shape:
-                raise ProtocolError(f"{link.name} sent a PARTIAL that does not match {state}")
-            if position == 0:
-                np.copyto(total, message.arrays[0])
-            else:
-                np.add(total, message.arrays[0], out=total)
-        header = {"step_id": self.step_id, "sync": sync}
+    def send_to_all(self, message: WireMessage) -> None:
         for link in self.links:
-            protocol.send(link.socket, protocol.REDUCED, header, [total])
+            self.send(link, message)
 
-    def receive(self, link: WorkerLink, kind: bytes, deadline: float, state: str) -> Message:
+    @staticmethod
+    def send(link: WorkerLink, message: WireMessage) -> None:
+        protocol.send_message(link.socket, message)
+
+    def receive(self, link: WorkerLink, kind: type, deadline: float, state: str) -> WireMessage:
         """The next message from `link`, which must be `kind`. WorkerLost when any worker dies or
         drops its connection, or this one stays silent past the deadline; WorkerError on an
         ERROR reply. Each names the worker and what we were waiting for."""
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise WorkerLost(link.index, f"{link.name} sent no {kind.decode()} within "
+                raise WorkerLost(link.index, f"{link.name} sent no {kind.KIND.decode()} within "
                                              f"{self.timeout:g} s ({state})")
             ready = dict(link.poller.poll(min(remaining, 1.0) * 1000))
             if link.socket not in ready:
                 self.check_alarms(state)  # an exit fd or monitor fired, or a quiet second passed
                 continue
-            message = protocol.decode(link.socket.recv_multipart(copy=False))
-            if message.kind == protocol.ERROR:
-                raise WorkerError(f"{link.name}: {message.header.get('message', 'error')}")
-            if message.kind != kind:
-                raise ProtocolError(f"{link.name} sent {message.kind.decode()} during {state}, "
-                                    f"expected {kind.decode()}")
+            message = protocol.unpack(link.socket.recv_multipart(copy=False))
+            if type(message) is Error:
+                raise WorkerError(f"{link.name}: {message.message}")
+            if type(message) is not kind:
+                raise ProtocolError(f"{link.name} sent {message.KIND.decode()} during {state}, "
+                                    f"expected {kind.KIND.decode()}")
             return message
 
     def check_alarms(self, state: str) -> None:
@@ -270,22 +262,24 @@ class ClusterEngine(Engine):
 
     def worker_stats(self) -> list[dict]:
         """RSS, shard and KV-cache bytes of every worker (PING/PONG)."""
-        for link in self.links:
-            protocol.send(link.socket, protocol.PING)
+        return [pong.header() for pong in self.pongs()]
+
+    def pongs(self) -> list[Pong]:
+        self.send_to_all(Ping())
         deadline = time.monotonic() + self.timeout
-        return [self.receive(link, protocol.PONG, deadline, "ping").header for link in self.links]
+        return [self.receive(link, Pong, deadline, "ping") for link in self.links]
 
     def stats(self) -> list[WorkerStats]:
-        return [WorkerStats(pid=pong.get("pid", 0), rss_bytes=pong["rss_bytes"], peak_rss_bytes=pong["peak_rss_bytes"],
-                            shard_bytes=pong["shard_bytes"], kv_cache_bytes=pong["kv_cache_bytes"])
-                for pong in self.worker_stats()]
+        return [WorkerStats(pid=pong.pid, rss_bytes=pong.rss_bytes, peak_rss_bytes=pong.peak_rss_bytes,
+                            shard_bytes=pong.shard_bytes, kv_cache_bytes=pong.kv_cache_bytes)
+                for pong in self.pongs()]
 
     def timing(self) -> list[StepTiming]:
         return [StepTiming(**entry) for entry in self.last_step_timing]
 
     def close(self, shutdown_workers: bool = False) -> None:
         """End the session (BYE), or stop the workers too (SHUTDOWN). Never blocks."""
-        self.close_links(protocol.SHUTDOWN if shutdown_workers else protocol.BYE)
+        self.close_links(Shutdown() if shutdown_workers else Bye())
         self.links = []
         self.context.term()
         self.release_shared_memory()

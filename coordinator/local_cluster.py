@@ -4,7 +4,6 @@ connect, and stop them all afterwards (or keep them up for `llmtp cluster`)."""
 import hashlib
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmtp.common.errors import ConfigError, WorkerError
+from llmtp.common.exchange.modes import choose_reduce_mode
 
 from .cluster_engine import ClusterEngine
 
@@ -99,6 +99,23 @@ def cpu_share(index: int, n_workers: int, cores_per_worker: int | None = None) -
     return cpus[index * per_worker:(index + 1) * per_worker]
 
 
+SECRET_NAME = "cluster.secret"  # in the run folder (0700): the HELLO secret of unkeyed local workers
+
+
+def cluster_secret(run_folder: Path) -> str:
+    """The run folder's cluster secret, made on first use; only this user can read it, so only
+    the launcher and its coordinators can open a session on its workers."""
+    import secrets
+    path = run_folder / SECRET_NAME
+    if not path.exists():
+        run_folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(run_folder, 0o700)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
 @dataclass
 class StartedWorker:
     process: subprocess.Popen
@@ -106,11 +123,13 @@ class StartedWorker:
 
 
 def start_workers(shard_folder: Path, n_workers: int, run_folder: Path, tied_to_us: bool,
-                  host: str = "127.0.0.1", cores_per_worker: int | None = None) -> list[StartedWorker]:
+                  host: str = "127.0.0.1", cores_per_worker: int | None = None,
+                  secret: bool = False) -> list[StartedWorker]:
     """Start one worker per shard on an ephemeral port and wait for each to announce it.
 
     tied_to_us: the workers exit when this process does (one `generate`); otherwise they
-    are detached daemons (`cluster up`) that log into run_folder."""
+    are detached daemons (`cluster up`) that log into run_folder. secret: every HELLO must
+    carry the run folder's cluster_secret."""
     from llmtp.common.formats.manifest import load_manifest
     manifest = load_manifest(shard_folder)
     run_folder.mkdir(parents=True, exist_ok=True)
@@ -118,7 +137,7 @@ def start_workers(shard_folder: Path, n_workers: int, run_folder: Path, tied_to_
     try:
         for index, shard in enumerate(manifest.shards):
             processes.append(launch_worker(shard_folder / shard.file, index, n_workers, run_folder,
-                                           tied_to_us, host, cores_per_worker))
+                                           tied_to_us, host, cores_per_worker, secret))
         deadline = time.monotonic() + start_timeout(max(shard.n_bytes for shard in manifest.shards))
         return [StartedWorker(process, wait_for_announce(announce_path(run_folder, index), process, index,
                                                          deadline))
@@ -133,12 +152,16 @@ def announce_path(run_folder: Path, index: int) -> Path:
 
 
 def launch_worker(shard_path: Path, index: int, n_workers: int, run_folder: Path, tied_to_us: bool,
-                  host: str = "127.0.0.1", cores_per_worker: int | None = None) -> subprocess.Popen:
+                  host: str = "127.0.0.1", cores_per_worker: int | None = None,
+                  secret: bool = False) -> subprocess.Popen:
     """Start one worker process (without waiting for it to listen)."""
     announce = announce_path(run_folder, index)
     announce.unlink(missing_ok=True)
     command = [sys.executable, "-m", "llmtp.worker", "--shard", str(shard_path), "--bind", f"tcp://{host}:*",
                "--announce", str(announce)]
+    if secret:
+        cluster_secret(run_folder)
+        command += ["--secret-file", str(run_folder / SECRET_NAME)]
     cpus = cpu_share(index, n_workers, cores_per_worker)
     if cpus:
         command += ["--cpus", ",".join(map(str, cpus))]
@@ -218,7 +241,7 @@ class LocalClusterEngine(ClusterEngine):
             stop_processes([link.process])
             link.process = launch_worker(self.shard_folder / manifest.shards[link.index].file, link.index,
                                          len(self.links), self.run_folder, tied_to_us=True,
-                                         cores_per_worker=self.cores_per_worker)
+                                         cores_per_worker=self.cores_per_worker, secret=self.secret is not None)
             link.endpoint = wait_for_announce(announce_path(self.run_folder, link.index), link.process,
                                               link.index,
                                               time.monotonic() + start_timeout(manifest.shards[link.index].n_bytes))
@@ -229,14 +252,6 @@ class LocalClusterEngine(ClusterEngine):
         super().close(shutdown_workers=True)
         stop_processes(list(self.processes))
         shutil.rmtree(self.run_folder, ignore_errors=True)
-
-
-def default_reduce_mode(n_workers: int) -> str:
-    """Shared memory when every worker has a core of its own to spin on and stores are seen in
-    program order (x86-64); otherwise the ZeroMQ peer exchange."""
-    if 1 < n_workers <= len(usable_cpus()) and platform.machine().lower() in ("x86_64", "amd64"):
-        return "shm"
-    return "peers"
 
 
 def open_local_engine(shard_folder: Path, n_workers: int, n_slots: int = 1, timeout: float = 30.0,
@@ -251,11 +266,11 @@ def open_local_engine(shard_folder: Path, n_workers: int, n_slots: int = 1, time
     manifest = load_manifest(shard_folder)
     run_folder = Path(tempfile.mkdtemp(prefix="llmtp-run-"))
     started = start_workers(shard_folder, n_workers, run_folder, tied_to_us=True,
-                            cores_per_worker=cores_per_worker)
+                            cores_per_worker=cores_per_worker, secret=True)
     return LocalClusterEngine(manifest.config, load_embedding(shard_folder), [w.endpoint for w in started],
                               manifest.source_sha256, n_slots=n_slots, timeout=timeout,
                               processes=[w.process for w in started], shard_folder=shard_folder,
-                              run_folder=run_folder, reduce=reduce or default_reduce_mode(n_workers),
+                              run_folder=run_folder, secret=cluster_secret(run_folder), reduce=choose_reduce_mode(n_workers, reduce, local=True),
                               cores_per_worker=cores_per_worker)
 
 
@@ -270,7 +285,7 @@ def cluster_up(checkpoint_path: Path, tokenizer_path: Path, n_workers: int, stat
         raise ConfigError(f"{state_file}: a cluster is already up; run `llmtp cluster down` first")
     shard_folder = ensure_shards(checkpoint_path, n_workers)
     run_folder = state_file.parent / (state_file.stem + "-run")
-    started = start_workers(shard_folder, n_workers, run_folder, tied_to_us=False)
+    started = start_workers(shard_folder, n_workers, run_folder, tied_to_us=False, secret=True)
     state = {"checkpoint": str(checkpoint_path.resolve()), "tokenizer": str(tokenizer_path.resolve()),
              "shards": str(shard_folder), "run_folder": str(run_folder),
              "workers": [{"pid": w.process.pid, "endpoint": w.endpoint} for w in started]}
@@ -297,9 +312,11 @@ def open_cluster_engine(state: dict, n_slots: int = 1, timeout: float = 30.0) ->
     from llmtp.common.formats.shard_file import load_embedding
     shard_folder = Path(state["shards"])
     manifest = load_manifest(shard_folder)
+    secret_path = Path(state.get("run_folder", "")) / SECRET_NAME if state.get("run_folder") else None
+    secret = secret_path.read_text().strip() if secret_path and secret_path.is_file() else None
     return ClusterEngine(manifest.config, load_embedding(shard_folder),
                          [worker["endpoint"] for worker in state["workers"]], manifest.source_sha256,
-                         n_slots=n_slots, timeout=timeout)
+                         n_slots=n_slots, timeout=timeout, secret=secret)
 
 
 def cluster_down(state_file: Path) -> int:

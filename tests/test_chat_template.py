@@ -9,7 +9,7 @@ from llmtp.common.errors import ConfigError
 from llmtp.common.formats.chat_template import (BUILTIN_TEMPLATES, ChatMessage, TemplateError, encode_chat,
                                                 jinja_template, resolve_chat_template)
 from llmtp.common.formats.tokenizer import load_tokenizer
-from llmtp.coordinator.cli import DEFAULT_MODEL_DIR
+from llmtp.coordinator.commands.engines import DEFAULT_MODEL_DIR
 
 LLAMA2, CHATML = BUILTIN_TEMPLATES["llama2"], BUILTIN_TEMPLATES["chatml"]
 

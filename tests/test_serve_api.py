@@ -13,7 +13,7 @@ from llmtp.common.formats.chat_template import BUILTIN_TEMPLATES, ChatMessage, e
 from llmtp.common.formats.checkpoint import load_checkpoint
 from llmtp.common.formats.tokenizer import load_tokenizer
 from llmtp.common.model.sampler import Sampler, SamplerConfig
-from llmtp.coordinator.cli import DEFAULT_MODEL_DIR
+from llmtp.coordinator.commands.engines import DEFAULT_MODEL_DIR
 from llmtp.coordinator.generate import generate
 from llmtp.coordinator.local_engine import LocalEngine
 

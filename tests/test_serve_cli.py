@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from llmtp.common.formats.tokenizer import load_tokenizer
-from llmtp.coordinator.cli import DEFAULT_MODEL_DIR
+from llmtp.coordinator.commands.engines import DEFAULT_MODEL_DIR
 
 from cli_runner import llmtp_command, run_llmtp
 from serve_tools import DEADLINE_S

@@ -10,8 +10,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "come from its workers[INDEX] entry")
     parser.add_argument("--index", type=int,
                         help="with --config: this worker's position in the config's workers list (0-based)")
-    parser.add_argument("--bind", help="ZeroMQ endpoint to listen on, e.g. tcp://0.0.0.0:5555 "
-                        "(port * = any free port; default tcp://127.0.0.1:*)")
+    parser.add_argument("--bind", help="ZeroMQ endpoint to listen on, e.g. tcp://127.0.0.1:5555 "
+                        "(port * = any free port; default tcp://127.0.0.1:*). Loopback only: off loopback a "
+                        "worker needs keys, given by --config")
+    parser.add_argument("--secret-file", help="a file holding the secret every HELLO must carry "
+                        "(set by local clusters; readable only by their owner)")
     parser.add_argument("--announce", help="write the bound endpoint to this file once listening")
     parser.add_argument("--parent-pid", type=int, help="exit when this process is gone (set by local clusters)")
     parser.add_argument("--threads", type=int, help="BLAS threads (default: all cores)")
@@ -30,11 +33,25 @@ def cmd_worker(args) -> int:
     if settings.threads > 0:  # must precede numpy's import to take effect
         for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[name] = str(settings.threads)
-    from .server import WorkerOptions, run_worker
+    from .run import run_worker
+    from .server import WorkerOptions
     return run_worker(settings.shard_path(), WorkerOptions(
         bind=settings.bind, announce_file=args.announce, parent_pid=args.parent_pid,
         reduce_timeout=settings.reduce_timeout, peer_port=settings.peer_port, keys=settings.keys,
-        verify=args.verify))
+        verify=args.verify, secret=read_secret(args.secret_file)))
+
+
+def read_secret(path: str | None) -> str | None:
+    from llmtp.common.errors import ConfigError
+    if path is None:
+        return None
+    try:
+        secret = open(path).read().strip()
+    except OSError as error:
+        raise ConfigError(f"--secret-file {path}: {error.strerror}") from None
+    if not secret:
+        raise ConfigError(f"--secret-file {path}: the file is empty")
+    return secret
 
 
 def pin_to_cpus(text: str) -> None:

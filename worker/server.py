@@ -1,10 +1,13 @@
 """A worker: serves one slice of the model to one coordinator session at a time.
 
-States: idle (waiting for HELLO) -> serving (a coordinator's session) -> idle on BYE,
-on a HELLO from a new coordinator (the old one is presumed gone), or when a
-reduction does not arrive in time. Bad input is logged in one line and dropped.
+Its states are worker/session.py's WorkerState. Control messages (HELLO, PING, BYE, ...) are
+handled between steps only: one that arrives mid-step waits, or, when it ends the session
+(BYE, the coordinator's new HELLO), abandons the step with one StepAbandoned. Whatever goes
+wrong with one message is logged in one line, and the worker keeps serving.
 """
 
+import collections
+import hmac
 import os
 import sys
 import time
@@ -13,23 +16,21 @@ from dataclasses import dataclass
 import zmq
 
 from llmtp.common.wire import protocol, security
-from llmtp.common.errors import FormatError, LlmtpError, ProtocolError
-from llmtp.common.wire.protocol import Message, field_of
-from llmtp.common.formats.shard_file import Shard
-from llmtp.common.model.transformer import SliceModel, StepSequence, no_reduce
-
+from llmtp.common.errors import LlmtpError, ProtocolError
+from llmtp.common.wire.messages import (Bye, Connected, Error, Hello, Logits, Partial, Peers, Ping, Pong, Ready,
+                                        Reduced, Shutdown, Step, WireMessage)
+from llmtp.common.exchange.base import NoExchange, StepAbandoned
+from llmtp.common.exchange.modes import ReduceMode
 from llmtp.common.exchange.peers import PeerExchange
+from llmtp.common.exchange.relay import RelayExchange
+from llmtp.common.formats.shard_file import Shard
+from llmtp.common.model.transformer import SliceModel, StepSequence
+
+from .limits import check_cache_fits, max_message_bytes
+from .session import WAITING_FOR, Session, WorkerState
 
 POLL_TICK_MS = 500
-
-
-class SessionLost(Exception):
-    """The current session ended mid-step: its coordinator went quiet, said BYE, or was
-    replaced by a new session (replaced=True: keep serving the new one)."""
-
-    def __init__(self, message: str, replaced: bool = False):
-        super().__init__(message)
-        self.replaced = replaced
+MAX_DEFERRED = 64  # control messages kept for after the step; more are dropped (with a line)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class WorkerOptions:
     peer_port: int | None = None  # peer inbox port (None = any free port)
     keys: security.WorkerKeys | None = None  # CURVE on every socket (see common/security.py)
     verify: bool = True  # check the shard's sha256 against a manifest.json beside it
+    secret: str | None = None  # without keys: every HELLO must carry it (local clusters)
 
 
 class Worker:
@@ -50,11 +52,11 @@ class Worker:
         self.options = options
         self.name = f"worker {shard.spec.index}/{shard.spec.count}"
         self.model: SliceModel | None = None
-        self.coordinator: bytes | None = None  # ZeroMQ identity of the coordinator in session
-        self.reduce_mode = "star"
-        self.step_id = 0
-        self.sync = 0
-        max_bytes = options.max_message_bytes or self._max_message_bytes()
+        self.state = WorkerState.IDLE
+        self.session: Session | None = None
+        self.deferred: collections.deque = collections.deque()  # (identity, message) read mid-step
+        self.reduced: collections.deque = collections.deque()  # REDUCED read mid-step, for the relay
+        max_bytes = options.max_message_bytes or max_message_bytes(shard.config)
         self.context = zmq.Context()
         self.authenticator = None
         if options.keys:  # before any bind: a CURVE socket without its ZAP handler admits anyone
@@ -71,15 +73,12 @@ class Worker:
         if self.endpoint.startswith("tcp://") and shard.spec.count > 1:
             host = self.endpoint[len("tcp://"):].rsplit(":", 1)[0]
             self.peers = PeerExchange(self.context, host, shard.spec.index, shard.spec.count, max_bytes,
-                                      port=options.peer_port, keys=options.keys)
+                                      port=options.peer_port, keys=options.keys, wait=self.wait_for_peers,
+                                      timeout=options.reduce_timeout)
         self.poller = zmq.Poller()
         self.poller.register(self.socket, zmq.POLLIN)
         if self.peers:
             self.poller.register(self.peers.inbox, zmq.POLLIN)
-
-    def _max_message_bytes(self) -> int:
-        config = self.shard.config
-        return 16 * config.seq_len * config.dim * 4 + (1 << 20)
 
     def announce(self) -> None:
         if self.options.announce_file:
@@ -97,236 +96,245 @@ class Worker:
     def serve_forever(self) -> None:
         self.announce()
         try:
-            while True:
-                message, identity = self.receive(POLL_TICK_MS)
-                if message is None:
-                    continue
-                if not self.dispatch(message, identity):
-                    return
+            while self.serve_one(POLL_TICK_MS):
+                pass
         finally:
-            if self.peers:
-                self.peers.close()
-            if self.shm:
-                self.shm.close()
-            self.socket.close(linger=0)
-            if self.authenticator:
-                self.authenticator.stop()
-            self.context.term()
+            self.close()
 
-    def receive(self, timeout_ms: int) -> tuple[Message | None, bytes | None]:
-        """One decoded control message, or (None, None) on timeout or junk. Exits if the parent is gone."""
-        if not self.socket.poll(timeout_ms):
+    def close(self) -> None:
+        self.end_session()
+        if self.peers:
+            self.peers.close()
+        self.socket.close(linger=0)
+        if self.authenticator:
+            self.authenticator.stop()
+        self.context.term()
+
+    # --- between steps ----------------------------------------------------------------------
+
+    def serve_one(self, timeout_ms: int) -> bool:
+        """Handle the next control message (a deferred one first), if any; False means exit."""
+        if self.deferred:
+            identity, message = self.deferred.popleft()
+            return self.handle(identity, message)
+        ready = dict(self.poller.poll(timeout_ms))
+        if self.peers and self.peers.inbox in ready:
+            self.peers.drain()  # junk cannot pile up; a faster peer's first partial is kept
+        if self.socket not in ready:
             self.check_parent()
-            return None, None
-        return self.read_control()
-
-    def read_control(self) -> tuple[Message | None, bytes | None]:
+            return True
         frames = self.socket.recv_multipart(copy=False)
-        identity = frames[0].bytes
+        return self.handle_frames(frames[0].bytes, frames[1:])
+
+    def handle_frames(self, identity: bytes, frames: list) -> bool:
         try:
-            return protocol.decode(frames[1:]), identity
+            message = protocol.unpack(frames)
         except ProtocolError as error:
-            self.log(f"dropped a malformed message: {error}")
-            return None, None
+            self.refuse(identity, f"dropped a malformed message: {error}")
+            return True
+        return self.handle(identity, message)
+
+    def handle(self, identity: bytes, message: WireMessage) -> bool:
+        """One message between steps; False means exit. Nothing raised here ends the worker."""
+        try:
+            return self.dispatch(identity, message)
+        except LlmtpError as error:
+            self.refuse(identity, str(error))
+        except StepAbandoned as error:
+            self.log(f"step abandoned: {error}")
+            if error.session_over:
+                self.end_session()
+        except Exception as error:  # a bug must not let one message stop the service
+            self.refuse(identity, f"could not handle {message.KIND.decode()}: {type(error).__name__}: {error}")
+        if self.state is WorkerState.STEPPING:
+            self.state = WorkerState.CONNECTED
+        return True
+
+    def dispatch(self, identity: bytes, message: WireMessage) -> bool:
+        kind = message.KIND
+        if type(message) is Ping:
+            self.reply(identity, self.pong())
+            return True
+        if type(message) is Hello:
+            self.on_hello(message, identity)
+            return True
+        if self.session is None or identity != self.session.coordinator:
+            raise ProtocolError(f"{kind.decode()} from a peer that has no session")
+        if not self.state.accepts(kind):
+            raise ProtocolError(f"{kind.decode()} refused: this worker is {self.state.value}, "
+                                f"waiting for {WAITING_FOR[self.state]}")
+        if type(message) is Peers:
+            self.on_peers(message)
+        elif type(message) is Step:
+            self.on_step(message)
+        elif type(message) is Bye:
+            self.end_session()
+        elif type(message) is Shutdown:
+            return False
+        return True
 
     def check_parent(self) -> None:
         if self.options.parent_pid and os.getppid() != self.options.parent_pid:
             self.log("coordinator process is gone; exiting")
             sys.exit(0)
 
-    def dispatch(self, message: Message, identity: bytes) -> bool:
-        """Handle one message outside a step; False means exit."""
-        try:
-            if message.kind == protocol.HELLO:
-                self.on_hello(message, identity)
-            elif message.kind == protocol.PING:
-                self.reply(identity, protocol.PONG, self.stats())
-            elif identity != self.coordinator:
-                self.refuse(identity, f"{message.kind.decode()} from a peer that has no session")
-            elif message.kind == protocol.PEERS:
-                self.on_peers(message)
-            elif message.kind == protocol.STEP:
-                self.on_step(message)
-            elif message.kind == protocol.BYE:
-                self.coordinator = None
-            elif message.kind == protocol.SHUTDOWN:
-                return False
-            else:
-                self.refuse(identity, f"unexpected {message.kind.decode()} while idle")
-        except ProtocolError as error:
-            self.refuse(identity, str(error))
-        except SessionLost as error:
-            self.log(f"session dropped: {error}")
-            if not error.replaced:
-                self.coordinator = None
-        return True
+    def credentials_hold(self, hello: Hello) -> bool:
+        """Keys: CURVE admitted only the coordinator. A secret: the HELLO must carry it."""
+        if self.options.keys or self.options.secret is None:
+            return True
+        return hello.secret is not None and hmac.compare_digest(hello.secret.encode(), self.options.secret.encode())
 
-    def on_hello(self, message: Message, identity: bytes) -> None:
-        expected = {"protocol_version": protocol.PROTOCOL_VERSION, "model_sha256": self.shard.model_sha256,
-                    "shard_index": self.shard.spec.index, "n_shards": self.shard.spec.count}
-        for name, value in expected.items():
-            if message.header.get(name) != value:
-                raise ProtocolError(f"handshake refused: {name} is {message.header.get(name)!r}, "
-                                    f"this worker has {value!r}")
-        n_slots = field_of(message, "n_slots", int)
-        if not 1 <= n_slots <= 1024:
-            raise ProtocolError(f"handshake refused: n_slots {n_slots} outside 1..1024")
-        reduce_mode = message.header.get("reduce", "star")
-        if reduce_mode not in protocol.REDUCE_MODES or (reduce_mode in ("peers", "shm") and self.peers is None):
-            raise ProtocolError(f"handshake refused: reduce {reduce_mode!r} is not available here")
-        if reduce_mode == "shm":
-            self.attach_shared_memory(message)
-        if self.model is None or self.model.cache.n_slots != n_slots:
-            self.model = SliceModel(self.shard.config, self.shard.spec, self.shard.weights, n_slots)
-        if self.coordinator is not None and self.coordinator != identity:
+    def on_hello(self, hello: Hello, identity: bytes) -> None:
+        if not self.credentials_hold(hello):
+            raise ProtocolError("handshake refused")  # says nothing a stranger could use
+        if not hmac.compare_digest(hello.model_sha256.encode(), self.shard.model_sha256.encode()):
+            raise ProtocolError("handshake refused: model_sha256 is not this worker's model")
+        if (hello.shard_index, hello.n_shards) != (self.shard.spec.index, self.shard.spec.count):
+            raise ProtocolError(f"handshake refused: shard_index {hello.shard_index} of n_shards "
+                                f"{hello.n_shards} is not this worker's shard")
+        reduce = ReduceMode(hello.reduce)
+        if reduce in (ReduceMode.PEERS, ReduceMode.SHM) and self.peers is None and self.shard.spec.count > 1:
+            raise ProtocolError(f"handshake refused: reduce {reduce.value!r} is not available here")
+        if self.model is None or self.model.cache.n_slots != hello.n_slots:
+            held = self.model.cache.n_bytes if self.model else 0
+            check_cache_fits(self.shard.config, self.shard.spec, hello.n_slots, held)
+        if self.session is not None and self.session.coordinator != identity:
             self.log("a new coordinator connected; the previous session is dropped")
-        self.coordinator = identity
-        self.reduce_mode = reduce_mode
-        self.reply(identity, protocol.READY, {
-            "shard_index": self.shard.spec.index, "n_shards": self.shard.spec.count,
-            "spec": self.shard.spec.to_dict(), "pid": os.getpid(),
-            "peer_port": self.peers.port if self.peers else None, **self.stats()})
+        self.end_session()
+        session = Session(identity, hello.session, reduce)
+        if reduce is ReduceMode.SHM and self.shard.spec.count > 1:
+            self.attach_shared_memory(hello)
+        if self.model is None or self.model.cache.n_slots != hello.n_slots:
+            self.model = None  # the old cache goes before the new one is allocated
+            self.model = SliceModel(self.shard.config, self.shard.spec, self.shard.weights, hello.n_slots)
+        self.session = session
+        if self.shard.spec.count == 1:
+            session.exchange = NoExchange()
+        elif reduce is ReduceMode.STAR:
+            session.exchange = RelayExchange(self.send_to_coordinator, self.receive_reduced, self.options.reduce_timeout)
+        self.state = WorkerState.CONNECTED if session.exchange else WorkerState.IN_SESSION
+        stats = self.pong()
+        self.reply(identity, Ready(self.shard.spec.index, self.shard.spec.count, self.shard.spec.to_dict(),
+                                   os.getpid(), self.peers.port if self.peers else None, stats.shard_bytes,
+                                   stats.kv_cache_bytes, stats.rss_bytes, stats.peak_rss_bytes))
 
-    def attach_shared_memory(self, message: Message) -> None:
+    def attach_shared_memory(self, hello: Hello) -> None:
         from llmtp.common.exchange.shm import ShmExchange
-        name, rows = field_of(message, "shm_name", str), field_of(message, "shm_rows", int)
+        try:
+            self.shm = ShmExchange(hello.shm_name, self.shard.spec.index, self.shard.spec.count, hello.shm_rows,
+                                   self.shard.config.dim, long_steps=self.peers, between_spins=self.look_mid_step,
+                                   timeout=self.options.reduce_timeout)
+        except (OSError, ValueError) as error:
+            raise ProtocolError(f"handshake refused: cannot use shared memory {hello.shm_name!r}: {error}") from None
+
+    def end_session(self) -> None:
         if self.shm:
             self.shm.close()
             self.shm = None
-        try:
-            self.shm = ShmExchange(name, self.shard.spec.index, self.shard.spec.count, rows, self.shard.config.dim)
-        except (OSError, ValueError) as error:
-            raise ProtocolError(f"handshake refused: cannot use shared memory {name!r}: {error}") from None
+        if self.peers:
+            self.peers.close_outboxes()
+        self.session = None
+        self.reduced.clear()
+        self.state = WorkerState.IDLE
 
-    def on_peers(self, message: Message) -> None:
-        endpoints = field_of(message, "endpoints", list)
-        session = field_of(message, "session", str)
-        if self.peers is None or len(endpoints) != self.shard.spec.count or \
-                not all(isinstance(e, str) and e.startswith("tcp://") for e in endpoints):
+    def on_peers(self, peers: Peers) -> None:
+        if self.peers is None or len(peers.endpoints) != self.shard.spec.count:
             raise ProtocolError(f"PEERS needs {self.shard.spec.count} tcp:// endpoints")
-        self.peers.connect(session, endpoints)
-        self.reply(self.coordinator, protocol.CONNECTED)
+        self.peers.connect(peers.session, list(peers.endpoints))
+        self.session.exchange = self.shm or self.peers
+        self.state = WorkerState.CONNECTED
+        self.reply(self.session.coordinator, Connected())
 
-    def on_step(self, message: Message) -> None:
-        self.step_id = field_of(message, "step_id", int)
-        raw_sequences = field_of(message, "sequences", list)
-        if len(message.arrays) != 1 or message.arrays[0].ndim != 2 or \
-                message.arrays[0].shape[1] != self.shard.config.dim:
-            raise ProtocolError(f"STEP needs one (tokens, {self.shard.config.dim}) array")
-        try:
-            sequences = [StepSequence(*(int(v) for v in seq)) for seq in raw_sequences]
-        except (TypeError, ValueError):
-            raise ProtocolError("STEP sequences must be [slot, start_position, n_tokens] lists") from None
-        self.sync = 0
-        if self.shard.spec.count == 1:
-            reduce = None
-        elif self.reduce_mode == "shm":
-            reduce = self.allreduce_in_shared_memory
-        elif self.reduce_mode == "peers":
-            reduce = self.allreduce_with_peers
-        else:
-            reduce = self.allreduce_via_coordinator
+    def on_step(self, step: Step) -> None:
+        if step.x.shape[1] != self.shard.config.dim:
+            raise ProtocolError(f"STEP needs one (tokens, {self.shard.config.dim}) array, got {step.x.shape}")
+        sequences = [StepSequence(*sequence) for sequence in step.sequences]
+        self.model.check_sequences(sequences, step.x.shape[0])  # before any state changes
+        exchange = self.session.exchange
+        exchange.start_step(step.step_id)
         reduce_seconds = 0.0
 
         def timed_reduce(partial):
             nonlocal reduce_seconds
             started = time.perf_counter()
-            total = reduce(partial)
+            total = exchange.allreduce(partial)
             reduce_seconds += time.perf_counter() - started
             return total
 
+        self.state = WorkerState.STEPPING
         started = time.perf_counter()
-        logits = self.model.forward(message.arrays[0], sequences, allreduce=timed_reduce if reduce else no_reduce,
-                                    all_logits=bool(message.header.get("all_logits", False)))
+        logits = self.model.forward(step.x, sequences, allreduce=timed_reduce, all_logits=step.all_logits)
+        self.state = WorkerState.CONNECTED
         # How the step's time went, for `llmtp bench`: math versus waiting on the others.
-        timing = {"forward_s": time.perf_counter() - started, "reduce_s": reduce_seconds}
-        self.reply(self.coordinator, protocol.LOGITS, {"step_id": self.step_id, **timing}, [logits])
+        self.reply(self.session.coordinator,
+                   Logits(step.step_id, logits, time.perf_counter() - started, reduce_seconds))
 
-    def allreduce_via_coordinator(self, partial):
-        """Send this worker's partial sum, wait for the coordinator's total."""
-        self.reply(self.coordinator, protocol.PARTIAL, {"step_id": self.step_id, "sync": self.sync}, [partial])
-        deadline = time.monotonic() + self.options.reduce_timeout
-        while True:
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0:
-                raise SessionLost(f"no REDUCED for step {self.step_id} sync {self.sync} "
-                                  f"within {self.options.reduce_timeout:g} s")
-            message, identity = self.receive(min(remaining_ms, POLL_TICK_MS))
-            if message is None:
-                continue
-            if message.kind == protocol.REDUCED and identity == self.coordinator:
-                if message.header.get("step_id") != self.step_id or message.header.get("sync") != self.sync \
-                        or len(message.arrays) != 1 or message.arrays[0].shape != partial.shape:
-                    raise ProtocolError(f"REDUCED does not match step {self.step_id} sync {self.sync}")
-                self.sync += 1
-                return message.arrays[0]
-            self.handle_mid_step(message, identity)
+    # --- mid-step: only the step's data is handled; control waits or ends the step -------------
 
-    def allreduce_with_peers(self, partial):
-        deadline = time.monotonic() + self.options.reduce_timeout
-        try:
-            total = self.peers.allreduce(partial, self.step_id, self.sync, deadline, self.wait_for_peers)
-        except TimeoutError as error:
-            raise SessionLost(str(error)) from None
-        self.sync += 1
-        return total
-
-    def allreduce_in_shared_memory(self, partial):
-        if not self.shm.fits(partial.shape[0]):  # a long prefill: the ZeroMQ peer exchange
-            return self.allreduce_with_peers(partial)
-        deadline = time.monotonic() + self.options.reduce_timeout
-        try:
-            total = self.shm.allreduce(partial, deadline, self.look_at_control_socket)
-        except TimeoutError as error:
-            raise SessionLost(str(error)) from None
-        self.sync += 1
-        return total
-
-    def look_at_control_socket(self) -> None:
-        """While spinning: answer or act on control messages, and notice a dead parent."""
-        self.check_parent()
-        while self.socket.poll(0):
-            message, identity = self.read_control()
-            if message is not None:
-                self.handle_mid_step(message, identity)
-
-    def wait_for_peers(self, timeout_ms: int) -> bool:
-        """Poll the peer inbox and the control socket; True when the inbox is readable.
-        Control messages that arrive meanwhile are handled (or end the step)."""
-        ready = dict(self.poller.poll(min(timeout_ms, POLL_TICK_MS)))
+    def poll_mid_step(self, timeout_ms: int, inbox: zmq.Socket | None = None) -> bool:
+        """Wait up to timeout_ms for the control socket (or `inbox`); True when `inbox` is readable.
+        A REDUCED from the coordinator is kept for the relay; anything else waits in `deferred`,
+        and ends the step at once when it ends the session."""
+        ready = dict(self.poller.poll(timeout_ms)) if inbox is not None else \
+            ({self.socket: zmq.POLLIN} if self.socket.poll(timeout_ms) else {})
         if not ready:
             self.check_parent()
         if self.socket in ready:
-            message, identity = self.read_control()
-            if message is not None:
-                self.handle_mid_step(message, identity)
-        return self.peers.inbox in ready
+            self.read_mid_step()
+        return inbox is not None and inbox in ready
 
-    def handle_mid_step(self, message: Message, identity: bytes) -> None:
-        """A control message during a step: answer PING; a new HELLO or a BYE ends the step."""
-        if message.kind == protocol.PING:
-            self.reply(identity, protocol.PONG, self.stats())
-        elif message.kind == protocol.HELLO:
-            self.on_hello(message, identity)
-            raise SessionLost("a new session began mid-step", replaced=True)
-        elif identity != self.coordinator:
-            self.refuse(identity, f"{message.kind.decode()} from a peer that has no session")
-        elif message.kind == protocol.BYE:
-            raise SessionLost("BYE arrived mid-step")
-        else:
-            raise ProtocolError(f"unexpected {message.kind.decode()} in step {self.step_id}")
+    def read_mid_step(self) -> None:
+        frames = self.socket.recv_multipart(copy=False)
+        identity = frames[0].bytes
+        try:
+            message = protocol.unpack(frames[1:])
+        except ProtocolError as error:
+            self.log(f"dropped a malformed message mid-step: {error}")
+            return
+        if identity == self.session.coordinator and type(message) is Reduced:
+            self.reduced.append(message)
+            return
+        if len(self.deferred) >= MAX_DEFERRED:
+            self.log(f"dropped a {message.KIND.decode()} that arrived mid-step (too many waiting)")
+            return
+        self.deferred.append((identity, message))
+        if identity == self.session.coordinator:
+            raise StepAbandoned(f"{message.KIND.decode()} arrived mid-step")
+        if type(message) is Hello and self.credentials_hold(message):
+            raise StepAbandoned("a new coordinator said HELLO mid-step")
 
-    def reply(self, identity: bytes, kind: bytes, header: dict | None = None, arrays: list | None = None):
-        protocol.send(self.socket, kind, header, arrays, prefix=[identity])
+    def wait_for_peers(self, timeout_ms: int) -> bool:
+        return self.poll_mid_step(min(timeout_ms, POLL_TICK_MS), self.peers.inbox)
+
+    def look_mid_step(self) -> None:
+        """While spinning on shared memory: a glance at the control socket and the parent."""
+        self.check_parent()
+        while self.socket.poll(0):
+            self.read_mid_step()
+
+    def send_to_coordinator(self, partial: Partial) -> None:
+        self.reply(self.session.coordinator, partial)
+
+    def receive_reduced(self, deadline: float) -> Reduced | None:
+        while not self.reduced:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0:
+                return None
+            self.poll_mid_step(min(remaining_ms, POLL_TICK_MS))
+        return self.reduced.popleft()
+
+    # --- replies ---------------------------------------------------------------------------
+
+    def reply(self, identity: bytes, message: WireMessage) -> None:
+        protocol.send_message(self.socket, message, prefix=[identity])
 
     def refuse(self, identity: bytes, text: str) -> None:
         self.log(text)
-        self.reply(identity, protocol.ERROR, {"message": f"{self.name}: {text}"})
+        self.reply(identity, Error(f"{self.name}: {text}"[:4000]))
 
-    def stats(self) -> dict:
-        return {"rss_bytes": resident_bytes("VmRSS"), "peak_rss_bytes": resident_bytes("VmHWM"),
-                "shard_bytes": self.shard.n_bytes,
-                "kv_cache_bytes": self.model.cache.n_bytes if self.model else 0}
+    def pong(self) -> Pong:
+        return Pong(os.getpid(), resident_bytes("VmRSS"), resident_bytes("VmHWM"), self.shard.n_bytes,
+                    self.model.cache.n_bytes if self.model else 0)
 
 
 def resident_bytes(field_name: str) -> int:
@@ -338,52 +346,4 @@ def resident_bytes(field_name: str) -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
-
-
-def die_with_parent() -> None:
-    """Ask Linux to SIGTERM us when the launching process dies (even by kill -9)."""
-    try:
-        import ctypes
-        import signal
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass  # not Linux: the parent check in the poll loop still catches it within a tick
-
-
-def verify_against_manifest(shard: Shard) -> None:
-    """A shard beside a manifest.json must match its recorded size and sha256 (a corrupted or
-    truncated copy fails here, with one line, instead of computing nonsense)."""
-    from llmtp.common.formats.manifest import MANIFEST_NAME, load_manifest, verify_shard
-    manifest_path = shard.path.parent / MANIFEST_NAME
-    if not manifest_path.exists():
-        return
-    manifest = load_manifest(manifest_path)
-    if manifest.shards[shard.spec.index].file != shard.path.name:
-        raise FormatError(f"{shard.path}: {manifest_path} lists shard {shard.spec.index} as "
-                          f"{manifest.shards[shard.spec.index].file}")
-    verify_shard(manifest, shard.spec.index)
-
-
-def run_worker(shard_path: str, options: WorkerOptions) -> int:
-    from llmtp.common.formats.mapping import settle_on_huge_pages
-    from llmtp.common.formats.shard_file import load_shard
-    if options.parent_pid:
-        die_with_parent()
-        if os.getppid() != options.parent_pid:
-            return 0
-    shard = load_shard(shard_path)
-    note = settle_on_huge_pages(shard.mapping, shard.path)  # before verifying, so one disk read serves both
-    if note:
-        print(f"llmtp worker {shard.spec.index}/{shard.spec.count}: {note}", file=sys.stderr, flush=True)
-    if options.verify:
-        verify_against_manifest(shard)
-    try:
-        worker = Worker(shard, options)
-    except zmq.ZMQError as error:
-        peer = f" (peer inbox port {options.peer_port})" if options.peer_port else ""
-        raise LlmtpError(f"cannot bind {options.bind}{peer}: {error}") from None
-    worker.serve_forever()
     return 0

@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmtp.common.cluster.config import ClusterConfig, WorkerEntry, load_cluster_config
+from llmtp.common.cluster.config import ClusterConfig, WorkerEntry, is_loopback, load_cluster_config
 from llmtp.common.errors import ConfigError
 from llmtp.common.cluster.keys import load_worker_keys
 from llmtp.common.wire.security import WorkerKeys
@@ -45,6 +45,7 @@ def settings_from_args(args) -> WorkerSettings:
             raise ConfigError("worker needs --shard FILE, or --config cluster.yaml --index I")
         if args.index is not None:
             raise ConfigError("--index needs --config")
+        check_bind_is_safe(args.bind or DEFAULT_BIND)
         return WorkerSettings(bind=args.bind or DEFAULT_BIND, threads=args.threads or 0,
                               reduce_timeout=args.timeout or DEFAULT_REDUCE_TIMEOUT, shard_file=Path(args.shard))
     given = [flag for flag, value in (("--shard", args.shard), ("--bind", args.bind), ("--threads", args.threads),
@@ -59,3 +60,15 @@ def settings_from_args(args) -> WorkerSettings:
         print(config.plaintext_notice(), file=sys.stderr)
     return WorkerSettings(bind=entry.bind_endpoint, threads=entry.threads, reduce_timeout=config.timeouts.reduce,
                           peer_port=entry.peer_port, keys=load_worker_keys(config), config=config, entry=entry)
+
+
+def check_bind_is_safe(bind: str) -> None:
+    """The YAML's rule for a bare `--bind`: without keys, only loopback (anyone who reaches an
+    unkeyed worker's port can talk to it)."""
+    if not bind.startswith("tcp://"):
+        return  # ipc:// and inproc:// never leave the machine
+    host = bind[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    if host in ("*", "") or not (host == "localhost" or is_loopback(host)):
+        raise ConfigError(f"--bind {bind}: {host or '*'} is not a loopback address; a worker reachable from other "
+                          f"machines needs CURVE keys (run it as `llmtp worker --config cluster.yaml --index I` "
+                          f"with a keys: section, made by `llmtp keygen`)")

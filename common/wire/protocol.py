@@ -4,8 +4,10 @@ A message is a ZeroMQ multipart message:
   frame 0: message type (ASCII, e.g. b"STEP")
   frame 1: msgpack map (the header); key "arrays" lists [dtype, shape] per array frame
   frame 2..: raw C-contiguous array bytes, read back with np.frombuffer (no copy)
-Never pickle. Anything that does not fit raises ProtocolError, so a worker can log
-one line and keep serving.
+Never pickle. Two layers: the framing (`encode`/`decode`: kind, header map, arrays) and the
+typed messages of common/wire/messages.py (`pack`/`unpack`/`send_message`: one class per
+type, every field checked). Anything that does not fit raises ProtocolError, so a worker
+can log one line and keep serving.
 """
 
 import math
@@ -16,36 +18,24 @@ import numpy as np
 
 from llmtp.common.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+from . import messages
+from .messages import PROTOCOL_VERSION, WireMessage  # noqa: F401  (PROTOCOL_VERSION: re-exported)
 
-# coordinator -> worker
-HELLO = b"HELLO"  # {protocol_version, model_sha256, shard_index, n_shards, n_slots, session, reduce
-#                    [, shm_name, shm_rows]}
-PEERS = b"PEERS"  # {endpoints}: every worker's peer inbox, for reduce "peers"; answered CONNECTED
-STEP = b"STEP"  # {step_id, sequences: [[slot, start_position, n_tokens]...], all_logits}; x (T, dim)
-REDUCED = b"REDUCED"  # {step_id, sync}; the sum of every worker's partial (T, dim)
-PING = b"PING"  # {}; answered with PONG {rss_bytes, shard_bytes, kv_cache_bytes, pid}
-BYE = b"BYE"  # {}: the session ends; the worker forgets it and waits for the next HELLO
-SHUTDOWN = b"SHUTDOWN"  # {}: the worker exits
-# worker -> coordinator
-READY = b"READY"  # {shard_index, n_shards, spec, pid, peer_port, shard_bytes, kv_cache_bytes}
-CONNECTED = b"CONNECTED"  # {}: peer sockets connected
-PARTIAL = b"PARTIAL"  # {step_id, sync[, session, index]}; a partial sum (T, dim), to the coordinator or a peer
-LOGITS = b"LOGITS"  # {step_id}; this worker's logits slice (rows, vocab_local)
-PONG = b"PONG"
-ERROR = b"ERROR"  # {message}
-
-MESSAGE_TYPES = frozenset({HELLO, PEERS, STEP, REDUCED, PING, BYE, SHUTDOWN,
-                           READY, CONNECTED, PARTIAL, LOGITS, PONG, ERROR})
-# peers: workers exchange partials directly over ZeroMQ; star: via the coordinator;
-# shm: through a shared-memory segment the coordinator creates (local clusters only)
-REDUCE_MODES = ("peers", "star", "shm")
+HELLO, PEERS, STEP, REDUCED = (messages.Hello.KIND, messages.Peers.KIND, messages.Step.KIND, messages.Reduced.KIND)
+PING, BYE, SHUTDOWN = messages.Ping.KIND, messages.Bye.KIND, messages.Shutdown.KIND
+READY, CONNECTED, PARTIAL = messages.Ready.KIND, messages.Connected.KIND, messages.Partial.KIND
+LOGITS, PONG, ERROR = messages.Logits.KIND, messages.Pong.KIND, messages.Error.KIND
+MESSAGE_TYPES = frozenset(messages.BY_KIND)
 ARRAY_DTYPES = {"float32": np.float32}
+MAX_ARRAY_DIMENSIONS = 4
+MAX_ARRAY_BYTES = 1 << 34  # no array of ours comes near; the socket's MAXMSGSIZE is the real bound
 ZERO_COPY_MIN_BYTES = 65536  # below this, copying is cheaper than pinning the buffer
 
 
 @dataclass
 class Message:
+    """A framed message before its fields are typed: kind, header map, arrays."""
+
     kind: bytes
     header: dict
     arrays: list = field(default_factory=list)
@@ -67,6 +57,21 @@ def send(socket, kind: bytes, header: dict | None = None, arrays: list | None = 
     frames = (prefix or []) + encode(kind, header, arrays)
     large = sum(len(frame) for frame in frames[2:]) >= ZERO_COPY_MIN_BYTES
     socket.send_multipart(frames, copy=not large)
+
+
+def pack(message: WireMessage) -> list:
+    """A typed message -> frames."""
+    return encode(message.KIND, message.header(), message.arrays())
+
+
+def unpack(frames: list) -> WireMessage:
+    """frames -> the typed message, every field checked; ProtocolError on anything else."""
+    framed = decode(frames)
+    return messages.BY_KIND[framed.kind].from_wire(framed.header, framed.arrays)
+
+
+def send_message(socket, message: WireMessage, prefix: list | None = None) -> None:
+    send(socket, message.KIND, message.header(), message.arrays(), prefix)
 
 
 def decode(frames: list) -> Message:
@@ -91,14 +96,17 @@ def decode(frames: list) -> Message:
 
 
 def _array(kind: bytes, descriptor, frame) -> np.ndarray:
-    if not (isinstance(descriptor, list) and len(descriptor) == 2 and descriptor[0] in ARRAY_DTYPES
-            and isinstance(descriptor[1], list) and all(isinstance(n, int) and n >= 0 for n in descriptor[1])):
+    # Exact types: isinstance(True, int) holds, and a shape of [True] once crashed numpy's reshape.
+    if not (type(descriptor) is list and len(descriptor) == 2 and type(descriptor[0]) is str
+            and descriptor[0] in ARRAY_DTYPES and type(descriptor[1]) is list
+            and len(descriptor[1]) <= MAX_ARRAY_DIMENSIONS
+            and all(type(n) is int and n >= 0 for n in descriptor[1])):
         raise ProtocolError(f"{kind.decode()} has a bad array descriptor {descriptor!r:.60}")
     dtype = np.dtype(ARRAY_DTYPES[descriptor[0]])
     shape = tuple(descriptor[1])
     buffer = _buffer(frame)
     expected = math.prod(shape) * dtype.itemsize
-    if len(buffer) != expected:
+    if expected > MAX_ARRAY_BYTES or len(buffer) != expected:
         raise ProtocolError(f"{kind.decode()} array {shape} needs {expected} bytes, frame has {len(buffer)}")
     return np.frombuffer(buffer, dtype=dtype).reshape(shape)
 

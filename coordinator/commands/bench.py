@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from llmtp.common.errors import ConfigError
+from llmtp.common.exchange.modes import REDUCE_MODES
 
 from .arguments import positive_int
 
@@ -17,7 +18,7 @@ def register(subparsers) -> None:
     bench.add_argument("-w", "--workers", default="1,2", help="worker counts, e.g. 1,2,4 (default 1,2)")
     bench.add_argument("--prompt-tokens", type=positive_int, default=128)
     bench.add_argument("--decode-tokens", type=positive_int, default=32)
-    bench.add_argument("--reduce", choices=("shm", "peers", "star"),
+    bench.add_argument("--reduce", choices=REDUCE_MODES,
                        help="how workers sum partials (default: shm when every worker has a core, else peers)")
     bench.add_argument("--compare-hf", action="store_true", help="also time transformers on the same weights")
     bench.add_argument("-o", "--out", default="bench-out", help="folder for the JSON and PNG")

@@ -44,9 +44,13 @@ class EngineOptions:
 
 @dataclass(frozen=True)
 class EnginePlan:
+    """What the flags resolved to, before anything is opened. open(n_slots) opens the engine
+    (n_slots defaults to the options'), so a caller can size its slots from `config` first."""
+
     config: ModelConfig
     tokenizer_path: Path
-    open: Callable[[], Engine]
+    open: Callable[..., Engine]
+    checkpoint_path: Path | None = None  # None for --cluster and --config (the workers hold the model)
 
 
 def resolve_model_paths(checkpoint: str | None, tokenizer: str | None) -> tuple[Path, Path]:
@@ -90,15 +94,18 @@ def plan_engine(options: EngineOptions) -> EnginePlan:
         from llmtp.coordinator import local_cluster
         warn_if_oversubscribed(options.workers, len(local_cluster.usable_cpus()))
         shard_folder = local_cluster.ensure_shards(checkpoint_path, options.workers)
-        return EnginePlan(load_manifest(shard_folder).config, tokenizer_path, lambda: recovering(
-            local_cluster.open_local_engine(shard_folder, options.workers, n_slots=options.n_slots,
-                                            timeout=reply_timeout(options)), options))
+
+        def open_workers(n_slots: int = options.n_slots) -> Engine:
+            return recovering(local_cluster.open_local_engine(shard_folder, options.workers, n_slots=n_slots,
+                                                              timeout=reply_timeout(options)), options)
+        return EnginePlan(load_manifest(shard_folder).config, tokenizer_path, open_workers, checkpoint_path)
 
     from llmtp.common.formats.load import load_model
     from ..local_engine import LocalEngine
     checkpoint = load_model(checkpoint_path)
     return EnginePlan(checkpoint.config, tokenizer_path,
-                      lambda: LocalEngine.from_checkpoint(checkpoint, n_slots=options.n_slots))
+                      lambda n_slots=options.n_slots: LocalEngine.from_checkpoint(checkpoint, n_slots=n_slots),
+                      checkpoint_path)
 
 
 def warn_if_oversubscribed(n_workers: int, n_cores: int) -> None:
@@ -123,8 +130,8 @@ def plan_cluster_engine(options: EngineOptions) -> EnginePlan:
     state = local_cluster.read_cluster_state(state_file)
     config = load_manifest(state["shards"]).config
     tokenizer = options.tokenizer or state["tokenizer"]
-    return EnginePlan(config, Path(tokenizer), lambda: recovering(local_cluster.open_cluster_engine(
-        state, n_slots=options.n_slots, timeout=reply_timeout(options)), options))
+    return EnginePlan(config, Path(tokenizer), lambda n_slots=options.n_slots: recovering(
+        local_cluster.open_cluster_engine(state, n_slots=n_slots, timeout=reply_timeout(options)), options))
 
 
 def check_state_file(state_file: Path) -> None:
@@ -151,8 +158,8 @@ def plan_config_engine(options: EngineOptions) -> EnginePlan:
     manifest = coordinator_manifest(cluster)
     tokenizer = Path(options.tokenizer) if options.tokenizer else cluster.tokenizer
     recover_wait = options.recover_wait if options.recover_wait is not None else cluster.timeouts.recover
-    return EnginePlan(manifest.config, tokenizer, lambda: recovering(
-        open_config_engine(cluster, manifest, n_slots=options.n_slots, timeout=options.timeout),
+    return EnginePlan(manifest.config, tokenizer, lambda n_slots=options.n_slots: recovering(
+        open_config_engine(cluster, manifest, n_slots=n_slots, timeout=options.timeout),
         options, recover_wait))
 
 

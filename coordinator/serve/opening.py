@@ -1,5 +1,6 @@
-"""The model arguments `llmtp serve` and `llmtp chat` share, and the engine they open: in this
-process, or on N local workers (with recovery, as generate has), with as many KV slots as asked."""
+"""The model arguments `llmtp serve` and `llmtp chat` share, and the engine they open: the same
+engines as generate (in this process, N local workers, `cluster up`'s workers or a cluster YAML,
+with recovery), with as many KV slots as asked or as fit."""
 
 import os
 import sys
@@ -7,8 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmtp.common.errors import ConfigError
-from llmtp.common.formats.chat_template import ChatTemplate, resolve_chat_template
+from llmtp.common.formats.chat_template import ChatTemplate, jinja_template, resolve_chat_template
 from llmtp.common.model.config import ModelConfig
+from llmtp.common.model.memory import available_memory_bytes, kv_cache_bytes
+
+from ..commands.arguments import non_negative_int, positive_seconds
 
 KV_MEMORY_SHARE = 0.25  # the default --slots may use this share of available memory for KV caches
 MAX_DEFAULT_SLOTS = 8
@@ -24,66 +28,65 @@ class OpenedModel:
 
 def add_model_arguments(parser) -> None:
     parser.add_argument("checkpoint", nargs="?", metavar="MODEL",
-                        help="llama2.c checkpoint (default: the bundled Shakespeare model)")
-    parser.add_argument("-z", "--tokenizer", help="tokenizer.bin or .model (default: beside the checkpoint)")
-    parser.add_argument("-w", "--workers", type=int, default=0, help="run on N local worker processes "
-                        "(0 = in this process)")
+                        help="llama2.c checkpoint, GGUF file or Hugging Face folder "
+                             "(default: the bundled Shakespeare model)")
+    parser.add_argument("-z", "--tokenizer", help="tokenizer.bin or .model (default: the model's own, or "
+                        "tokenizer.model / tokenizer.bin beside the checkpoint)")
+    parser.add_argument("-w", "--workers", type=non_negative_int, default=0,
+                        help="run on N local worker processes (0 = in this process)")
+    parser.add_argument("--cluster", nargs="?", const="", default=None, metavar="STATE",
+                        help="use the workers of `llmtp cluster up` (optional: its state file)")
+    parser.add_argument("--config", help="cluster YAML: run on the workers it lists")
     parser.add_argument("--chat-template", metavar="NAME|FILE", help="llama2, chatml, a Jinja file or a "
-                        "tokenizer_config.json (default: the model folder's tokenizer_config.json, else llama2)")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for any worker reply")
-    parser.add_argument("--recover-wait", type=float, default=30.0,
-                        help="seconds to wait for a lost worker to come back")
-
-
-def kv_bytes_per_slot(config: ModelConfig) -> int:
-    return 2 * config.n_layers * config.seq_len * config.kv_dim * 4  # keys and values, float32
+                        "tokenizer_config.json (default: the model's own template, else llama2)")
+    parser.add_argument("--timeout", type=positive_seconds, help="seconds to wait for any worker reply "
+                        "(default 30, or the config's timeouts.reply)")
+    parser.add_argument("--recover-wait", type=positive_seconds,
+                        help="seconds to wait for a lost worker to come back (default 30, or the config's)")
 
 
 def default_slots(config: ModelConfig) -> int:
     """As many as fit in a share of MemAvailable, at most MAX_DEFAULT_SLOTS, at least 1."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return 1
-    return max(1, min(MAX_DEFAULT_SLOTS, int(available * KV_MEMORY_SHARE) // kv_bytes_per_slot(config)))
+    one_slot = kv_cache_bytes(config, 1)
+    return max(1, min(MAX_DEFAULT_SLOTS, int(available_memory_bytes() * KV_MEMORY_SHARE) // one_slot))
 
 
 def open_model(args, n_slots: int | None) -> OpenedModel:
     """n_slots None: default_slots. Raises ConfigError for bad arguments."""
-    from llmtp.common.formats.checkpoint import load_checkpoint
-    from llmtp.common.formats.tokenizer import load_tokenizer
-    from llmtp.coordinator.cli import resolve_model_paths
+    from llmtp.common.formats.load import open_tokenizer
 
-    if args.workers < 0:
-        raise ConfigError(f"-w/--workers must be >= 0, got {args.workers}")
-    checkpoint_path, tokenizer_path = resolve_model_paths(args.checkpoint, args.tokenizer)
-    template = resolve_chat_template(args.chat_template, checkpoint_path.parent)
-    checkpoint = load_checkpoint(checkpoint_path)
-    config = checkpoint.config
-    tokenizer = load_tokenizer(tokenizer_path, config.vocab_size)
-    if n_slots is None:
-        n_slots = default_slots(config)
-    if n_slots < 1:
+    from ..commands.engines import EngineOptions, plan_engine
+
+    if n_slots is not None and n_slots < 1:
         raise ConfigError(f"--slots must be >= 1, got {n_slots}")
-    if args.workers:
-        from llmtp.coordinator import local_cluster
-        from llmtp.coordinator.recovery import RecoveringEngine
-        del checkpoint  # the workers read their shards; the coordinator maps only the embedding
-        shard_folder = local_cluster.ensure_shards(checkpoint_path, args.workers)
-        engine = RecoveringEngine(local_cluster.open_local_engine(shard_folder, args.workers, n_slots=n_slots,
-                                                                  timeout=args.timeout),
-                                  wait_seconds=args.recover_wait)
-    else:
-        from llmtp.coordinator.local_engine import LocalEngine
-        engine = LocalEngine.from_checkpoint(checkpoint, n_slots)
-    return OpenedModel(engine, tokenizer, template, model_name(checkpoint_path))
+    plan = plan_engine(EngineOptions(checkpoint=args.checkpoint, tokenizer=args.tokenizer, workers=args.workers,
+                                     cluster=args.cluster, config=args.config, timeout=args.timeout,
+                                     recover_wait=args.recover_wait))
+    tokenizer = open_tokenizer(plan.tokenizer_path, plan.config.vocab_size)
+    template = model_template(args.chat_template, tokenizer, plan.checkpoint_path)
+    engine = plan.open(n_slots if n_slots is not None else default_slots(plan.config))
+    return OpenedModel(engine, tokenizer, template, model_name(plan.checkpoint_path or plan.tokenizer_path))
 
 
-def model_name(checkpoint_path: Path) -> str:
-    """What /v1/models lists: the file's stem, or its folder's name for a generic one (model.bin)."""
-    stem = checkpoint_path.stem
-    return checkpoint_path.resolve().parent.name if stem in ("model", "checkpoint") else stem
+def model_template(spec: str | None, tokenizer, checkpoint_path: Path | None) -> ChatTemplate:
+    """--chat-template wins; else the template the tokenizer carries (GGUF metadata or
+    tokenizer_config.json); else a tokenizer_config.json beside a llama2.c file; else llama2."""
+    carried = getattr(tokenizer, "chat_template", None)
+    if spec is None and isinstance(carried, str):
+        return jinja_template(carried, name=f"{tokenizer.source}:chat_template")
+    folder = None
+    if checkpoint_path is not None:
+        folder = checkpoint_path if checkpoint_path.is_dir() else checkpoint_path.parent
+    return resolve_chat_template(spec, folder)
+
+
+def model_name(model_path: Path) -> str:
+    """What /v1/models lists: the file's stem, or its folder's name for a generic one (model.bin)
+    or a Hugging Face folder."""
+    if model_path.is_dir():
+        return model_path.resolve().name
+    stem = model_path.stem
+    return model_path.resolve().parent.name if stem in ("model", "checkpoint") else stem
 
 
 def log(message: str) -> None:
