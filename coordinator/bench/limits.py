@@ -26,6 +26,7 @@ def measure_zmq_round_trip(dim: int, rounds: int = 2000) -> float:
     import zmq
 
     from llmtp.common.wire import protocol
+    from llmtp.common.wire.messages import Partial
     server = subprocess.Popen([sys.executable, "-m", "llmtp.coordinator.bench.echo_probe"],
                               stdout=subprocess.PIPE, text=True)
     context = zmq.Context()
@@ -39,7 +40,7 @@ def measure_zmq_round_trip(dim: int, rounds: int = 2000) -> float:
         times = []
         for round_index in range(rounds + 100):
             started = time.perf_counter()
-            protocol.send(client, protocol.PARTIAL, {"step_id": round_index, "sync": 0}, [partial])
+            protocol.send_message(client, Partial(step_id=round_index, sync=0, partial=partial))
             protocol.decode(client.recv_multipart(copy=False))
             times.append(time.perf_counter() - started)
         client.send_multipart([b"quit"])
