@@ -163,3 +163,58 @@ def test_cli_inspect_and_shard_take_gguf_and_folder(exported, source, tmp_path):
     assert sharded.returncode == 0, sharded.stderr
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [
         "embedding.bin", "manifest.json", "shard-0-of-2.bin", "shard-1-of-2.bin"]
+
+
+@pytest.mark.parametrize("source", [GGUF, HUGGING_FACE])
+def test_convert_writes_the_llama2c_file_and_tokenizer_run_c_reads(exported, source, tmp_path):
+    """Oracles: llama2.c's own export of the same model and tokenizer (stories260K.bin converted
+    directly, and tok512.bin), byte for byte; then run.c's text through the converted pair."""
+    import shutil
+
+    from cli_runner import run_llmtp
+
+    path = exported[source].path
+    if source == HUGGING_FACE:  # run.c merges by score: the folder's tokenizer.model has them
+        folder = tmp_path / "hf"
+        shutil.copytree(path, folder)
+        shutil.copy(STORIES / "tok512.model", folder / "tokenizer.model")
+        path = folder
+    direct = run_llmtp("convert", STORIES / "stories260K.bin", tmp_path / "direct.bin", "--version", 1)
+    assert direct.returncode == 0, direct.stderr
+    out = tmp_path / "out" / "model.bin"
+    out.parent.mkdir()
+    result = run_llmtp("convert", path, out, "--version", 1)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == (tmp_path / "direct.bin").read_bytes()
+    assert (out.parent / "tokenizer.bin").read_bytes() == (STORIES / "tok512.bin").read_bytes()
+    stdout, _, _ = reference_run("s260_once_t0_n64")
+    generated = run_llmtp("generate", out, "-z", out.parent / "tokenizer.bin", "-t", 0, "-n", 64,
+                          "-i", "Once upon a time")
+    assert generated.returncode == 0, generated.stderr
+    assert generated.stdout == stdout + "\n"
+    again = run_llmtp("convert", path, tmp_path / "out" / "v2.bin", "--version", 2)  # same tokenizer.bin: kept
+    assert again.returncode == 0, again.stderr
+
+
+def test_convert_refuses_what_llama2c_cannot_hold_before_writing(exported, tmp_path):
+    import shutil
+
+    from cli_runner import run_llmtp
+    from test_cli_input import assert_one_line_error
+
+    folder = tmp_path / "hf"
+    shutil.copytree(exported[HUGGING_FACE].path, folder)
+    # tokenizer.json alone: BPE merges, no scores for run.c
+    assert_one_line_error(run_llmtp("convert", folder, tmp_path / "a.bin", "--version", 1),
+                          "no tokenizer.model", "scores")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"rope_theta": 500000.0}))
+    assert_one_line_error(run_llmtp("convert", folder, tmp_path / "b.bin", "--version", 1),
+                          "rope_theta is 500000.0", "llama2.c file cannot hold it")
+    other = tmp_path / "c" / "tokenizer.bin"
+    other.parent.mkdir()
+    other.write_bytes(b"another model's tokenizer")
+    assert_one_line_error(run_llmtp("convert", exported[GGUF].path, other.parent / "m.bin", "--version", 1),
+                          "holds another tokenizer", "--tokenizer-out")
+    assert other.read_bytes() == b"another model's tokenizer"
+    assert sorted(p.name for p in tmp_path.rglob("*.bin")) == ["tokenizer.bin"]  # nothing else written

@@ -33,9 +33,7 @@ def sentencepiece_vocabulary(meta: dict[str, Any], source: str) -> tuple[list[st
     return list(pieces), list(scores), bos_id, eos_id
 
 
-def write_tokenizer_bin(path: str | os.PathLike, pieces: list[str], scores: list[float],
-                        bos_id: int = 1, eos_id: int = 2) -> Path:
-    path = Path(path)
+def encode_tokenizer_bin(pieces: list[str], scores: list[float], bos_id: int = 1, eos_id: int = 2) -> bytes:
     encoded = []
     for token_id, piece in enumerate(pieces):
         if token_id == bos_id:
@@ -43,15 +41,25 @@ def write_tokenizer_bin(path: str | os.PathLike, pieces: list[str], scores: list
         elif token_id == eos_id:
             piece = EOS_PIECE_IN_BIN
         encoded.append(piece.replace(SPACE_SYMBOL, " ").encode("utf-8"))
+    out = [struct.pack("<I", max(len(piece) for piece in encoded))]
+    for piece, score in zip(encoded, scores, strict=True):
+        out += [struct.pack("<fi", score, len(piece)), piece]
+    return b"".join(out)
+
+
+def write_tokenizer_bin(path: str | os.PathLike, pieces: list[str], scores: list[float],
+                        bos_id: int = 1, eos_id: int = 2) -> Path:
+    path = Path(path)
+    write_atomically(path, encode_tokenizer_bin(pieces, scores, bos_id, eos_id))
+    return path
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Appear under `path` only complete (an interrupted write leaves the old file or none)."""
     partial = path.with_name(path.name + ".partial")
     try:
-        with open(partial, "wb") as out:
-            out.write(struct.pack("<I", max(len(piece) for piece in encoded)))
-            for piece, score in zip(encoded, scores):
-                out.write(struct.pack("<fi", score, len(piece)))
-                out.write(piece)
+        partial.write_bytes(data)
         os.replace(partial, path)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    return path
