@@ -218,3 +218,27 @@ def test_convert_refuses_what_llama2c_cannot_hold_before_writing(exported, tmp_p
                           "holds another tokenizer", "--tokenizer-out")
     assert other.read_bytes() == b"another model's tokenizer"
     assert sorted(p.name for p in tmp_path.rglob("*.bin")) == ["tokenizer.bin"]  # nothing else written
+
+
+@pytest.mark.parametrize("source", [GGUF, HUGGING_FACE])
+def test_cluster_yaml_takes_gguf_and_folder(exported, source, tmp_path):
+    """model: and tokenizer: of a cluster YAML name the GGUF file or folder; shard --config,
+    the config's workers and generate --config give run.c's text."""
+    from cli_runner import run_llmtp
+    from config_cluster_tools import free_ports, start_config_workers, stop_workers, write_config
+
+    path = exported[source].path
+    ports = free_ports(4)
+    workers = [{"host": "127.0.0.1", "port": ports[2 * i], "peer_port": ports[2 * i + 1], "shard": i}
+               for i in range(2)]
+    config = write_config(tmp_path / "cluster.yaml", {"model": path, "tokenizer": path}, "127.0.0.1", workers)
+    sharded = run_llmtp("shard", "--config", config)
+    assert sharded.returncode == 0, sharded.stderr
+    processes = start_config_workers(config, 2, tmp_path)
+    try:
+        result = run_llmtp("generate", "--config", config, "-t", 0, "-n", 64, "-i", "Once upon a time")
+    finally:
+        stop_workers(processes)
+    stdout, _, _ = reference_run("s260_once_t0_n64")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == stdout + "\n"

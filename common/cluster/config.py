@@ -219,7 +219,7 @@ class _Reader:
 
     def cluster(self, data) -> ClusterConfig:
         top = _Section(self, "", data, "a mapping with model, tokenizer, shards, coordinator, workers")
-        model = top.take("model", self.file_path, "a file path")
+        model = top.take("model", self.file_path, "a path (llama2.c or GGUF file, Hugging Face folder)")
         tokenizer = top.take("tokenizer", self.file_path, "a file path")
         shards = top.take("shards", self.file_path, "a folder path")
         coordinator = top.take("coordinator", self.coordinator, "a mapping with host")
