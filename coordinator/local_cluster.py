@@ -1,11 +1,9 @@
 """Workers on this machine: shard into a cache folder once, start N worker processes,
-connect, and stop them all afterwards (or keep them up for `llmtp cluster`)."""
+connect, and stop them all afterwards (standing_cluster.py keeps them up for `llmtp cluster`)."""
 
 import hashlib
-import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -272,77 +270,3 @@ def open_local_engine(shard_folder: Path, n_workers: int, n_slots: int = 1, time
                               processes=[w.process for w in started], shard_folder=shard_folder,
                               run_folder=run_folder, secret=cluster_secret(run_folder), reduce=choose_reduce_mode(n_workers, reduce, local=True),
                               cores_per_worker=cores_per_worker)
-
-
-# `llmtp cluster up / down`: detached workers described by a state file.
-
-def state_path(explicit: str | None) -> Path:
-    return Path(explicit) if explicit else cache_dir() / "cluster.json"
-
-
-def cluster_up(checkpoint_path: Path, tokenizer_path: Path, n_workers: int, state_file: Path) -> dict:
-    if state_file.exists():
-        raise ConfigError(f"{state_file}: a cluster is already up; run `llmtp cluster down` first")
-    shard_folder = ensure_shards(checkpoint_path, n_workers)
-    run_folder = state_file.parent / (state_file.stem + "-run")
-    started = start_workers(shard_folder, n_workers, run_folder, tied_to_us=False, secret=True)
-    state = {"checkpoint": str(checkpoint_path.resolve()), "tokenizer": str(tokenizer_path.resolve()),
-             "shards": str(shard_folder), "run_folder": str(run_folder),
-             "workers": [{"pid": w.process.pid, "endpoint": w.endpoint} for w in started]}
-    state_file.parent.mkdir(parents=True, exist_ok=True)
-    state_file.write_text(json.dumps(state, indent=2))
-    return state
-
-
-def read_cluster_state(state_file: Path) -> dict:
-    try:
-        state = json.loads(state_file.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{state_file}: no cluster is up (run `llmtp cluster up` first)") from None
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"{state_file}: unreadable cluster state ({error})") from None
-    for key in ("tokenizer", "shards", "workers"):
-        if key not in state:
-            raise ConfigError(f"{state_file}: cluster state has no {key!r}")
-    return state
-
-
-def open_cluster_engine(state: dict, n_slots: int = 1, timeout: float = 30.0) -> ClusterEngine:
-    from llmtp.common.formats.manifest import load_manifest
-    from llmtp.common.formats.shard_file import load_embedding
-    shard_folder = Path(state["shards"])
-    manifest = load_manifest(shard_folder)
-    secret_path = Path(state.get("run_folder", "")) / SECRET_NAME if state.get("run_folder") else None
-    secret = secret_path.read_text().strip() if secret_path and secret_path.is_file() else None
-    return ClusterEngine(manifest.config, load_embedding(shard_folder),
-                         [worker["endpoint"] for worker in state["workers"]], manifest.source_sha256,
-                         n_slots=n_slots, timeout=timeout, secret=secret)
-
-
-def cluster_down(state_file: Path) -> int:
-    """Stop the workers of the state file (SIGTERM, then SIGKILL); returns how many were running."""
-    state = read_cluster_state(state_file)
-    pids = [worker["pid"] for worker in state["workers"] if _is_our_worker(worker["pid"])]
-    for pid in pids:
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT
-    while any(_is_our_worker(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for pid in pids:
-        if _is_our_worker(pid):
-            os.kill(pid, signal.SIGKILL)
-    state_file.unlink(missing_ok=True)  # the workers' logs stay in the run folder
-    return len(pids)
-
-
-def _is_our_worker(pid: int) -> bool:
-    """Alive and still a worker (the pid was not recycled by something else)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            cmdline = handle.read()
-        with open(f"/proc/{pid}/stat") as handle:
-            if handle.read().split(")")[-1].split()[0] == "Z":
-                return False
-    except OSError:
-        return False
-    return b"worker" in cmdline

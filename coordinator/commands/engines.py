@@ -119,19 +119,21 @@ def warn_if_oversubscribed(n_workers: int, n_cores: int) -> None:
 def plan_cluster_engine(options: EngineOptions) -> EnginePlan:
     """--cluster: the workers, shards and tokenizer of `llmtp cluster up` (-z may replace the last)."""
     from llmtp.common.formats.manifest import load_manifest
-    from llmtp.coordinator import local_cluster
+    from llmtp.coordinator import standing_cluster
+    from llmtp.coordinator.cluster_state import read_state
     if options.workers:
         raise ConfigError("--cluster runs on the workers `llmtp cluster up` started; --workers does not apply "
                           "(give one or the other)")
     if options.checkpoint:
         raise ConfigError("--cluster runs the model `llmtp cluster up` was given; CHECKPOINT does not apply")
-    state_file = local_cluster.state_path(options.cluster or None)
+    state_file = standing_cluster.state_path(options.cluster or None)
     check_state_file(state_file)
-    state = local_cluster.read_cluster_state(state_file)
-    config = load_manifest(state["shards"]).config
-    tokenizer = options.tokenizer or state["tokenizer"]
-    return EnginePlan(config, Path(tokenizer), lambda n_slots=options.n_slots: recovering(
-        local_cluster.open_cluster_engine(state, n_slots=n_slots, timeout=reply_timeout(options)), options))
+    state = read_state(state_file)
+    config = load_manifest(state.shards).config
+    tokenizer = Path(options.tokenizer) if options.tokenizer else state.tokenizer
+    return EnginePlan(config, tokenizer, lambda n_slots=options.n_slots: recovering(
+        standing_cluster.StandingClusterEngine(state_file, n_slots=n_slots, timeout=reply_timeout(options)),
+        options))
 
 
 def check_state_file(state_file: Path) -> None:
