@@ -122,7 +122,7 @@ class StartedWorker:
 
 def start_workers(shard_folder: Path, n_workers: int, run_folder: Path, tied_to_us: bool,
                   host: str = "127.0.0.1", cores_per_worker: int | None = None,
-                  secret: bool = False) -> list[StartedWorker]:
+                  secret: bool = False, context: int | None = None) -> list[StartedWorker]:
     """Start one worker per shard on an ephemeral port and wait for each to announce it.
 
     tied_to_us: the workers exit when this process does (one `generate`); otherwise they
@@ -135,7 +135,7 @@ def start_workers(shard_folder: Path, n_workers: int, run_folder: Path, tied_to_
     try:
         for index, shard in enumerate(manifest.shards):
             processes.append(launch_worker(shard_folder / shard.file, index, n_workers, run_folder,
-                                           tied_to_us, host, cores_per_worker, secret))
+                                           tied_to_us, host, cores_per_worker, secret, context))
         deadline = time.monotonic() + start_timeout(max(shard.n_bytes for shard in manifest.shards))
         return [StartedWorker(process, wait_for_announce(announce_path(run_folder, index), process, index,
                                                          deadline))
@@ -151,8 +151,9 @@ def announce_path(run_folder: Path, index: int) -> Path:
 
 def launch_worker(shard_path: Path, index: int, n_workers: int, run_folder: Path, tied_to_us: bool,
                   host: str = "127.0.0.1", cores_per_worker: int | None = None,
-                  secret: bool = False) -> subprocess.Popen:
-    """Start one worker process (without waiting for it to listen)."""
+                  secret: bool = False, context: int | None = None) -> subprocess.Popen:
+    """Start one worker process (without waiting for it to listen). context: run that many
+    positions instead of the model's seq_len."""
     announce = announce_path(run_folder, index)
     announce.unlink(missing_ok=True)
     command = [sys.executable, "-m", "llmtp.worker", "--shard", str(shard_path), "--bind", f"tcp://{host}:*",
@@ -160,6 +161,8 @@ def launch_worker(shard_path: Path, index: int, n_workers: int, run_folder: Path
     if secret:
         cluster_secret(run_folder)
         command += ["--secret-file", str(run_folder / SECRET_NAME)]
+    if context is not None:
+        command += ["--context", str(context)]
     cpus = cpu_share(index, n_workers, cores_per_worker)
     if cpus:
         command += ["--cpus", ",".join(map(str, cpus))]
@@ -216,8 +219,9 @@ class LocalClusterEngine(ClusterEngine):
     """A ClusterEngine that owns its worker processes, restarts lost ones and stops them on close."""
 
     def __init__(self, *args, shard_folder: Path, run_folder: Path, cores_per_worker: int | None = None,
-                 **kwargs):
+                 context_length: int | None = None, **kwargs):
         self.shard_folder = shard_folder
+        self.context_length = context_length
         self.cores_per_worker = cores_per_worker
         self.run_folder = run_folder
         self.processes = kwargs.get("processes") or []
@@ -239,7 +243,8 @@ class LocalClusterEngine(ClusterEngine):
             stop_processes([link.process])
             link.process = launch_worker(self.shard_folder / manifest.shards[link.index].file, link.index,
                                          len(self.links), self.run_folder, tied_to_us=True,
-                                         cores_per_worker=self.cores_per_worker, secret=self.secret is not None)
+                                         cores_per_worker=self.cores_per_worker, secret=self.secret is not None,
+                                         context=self.context_length)
             link.endpoint = wait_for_announce(announce_path(self.run_folder, link.index), link.process,
                                               link.index,
                                               time.monotonic() + start_timeout(manifest.shards[link.index].n_bytes))
@@ -253,20 +258,24 @@ class LocalClusterEngine(ClusterEngine):
 
 
 def open_local_engine(shard_folder: Path, n_workers: int, n_slots: int = 1, timeout: float = 30.0,
-                      reduce: str | None = None, cores_per_worker: int | None = None):
+                      reduce: str | None = None, cores_per_worker: int | None = None, context: int | None = None):
     """Start workers for a shard folder and connect to them; close() stops them.
+    context: run that many positions (memory.with_context) instead of the model's seq_len.
 
     cores_per_worker: pin each worker to that many cores with as many BLAS threads
     (default: the cores shared out evenly, a lone worker unpinned)."""
     check_cores_per_worker(n_workers, cores_per_worker)
     from llmtp.common.formats.manifest import load_manifest
     from llmtp.common.formats.shard_file import load_embedding
+    from llmtp.common.model.memory import with_context
     manifest = load_manifest(shard_folder)
+    config = with_context(manifest.config, context, str(shard_folder))
     run_folder = Path(tempfile.mkdtemp(prefix="llmtp-run-"))
     started = start_workers(shard_folder, n_workers, run_folder, tied_to_us=True,
-                            cores_per_worker=cores_per_worker, secret=True)
-    return LocalClusterEngine(manifest.config, load_embedding(shard_folder), [w.endpoint for w in started],
+                            cores_per_worker=cores_per_worker, secret=True, context=context)
+    return LocalClusterEngine(config, load_embedding(shard_folder), [w.endpoint for w in started],
                               manifest.source_sha256, n_slots=n_slots, timeout=timeout,
                               processes=[w.process for w in started], shard_folder=shard_folder,
-                              run_folder=run_folder, secret=cluster_secret(run_folder), reduce=choose_reduce_mode(n_workers, reduce, local=True),
-                              cores_per_worker=cores_per_worker)
+                              run_folder=run_folder, secret=cluster_secret(run_folder),
+                              reduce=choose_reduce_mode(n_workers, reduce, local=True),
+                              cores_per_worker=cores_per_worker, context_length=context)
