@@ -14,11 +14,12 @@ from pathlib import Path
 from llmtp.common.errors import ConfigError, WorkerError
 from llmtp.common.exchange.modes import choose_reduce_mode
 
-from .cluster_engine import ClusterEngine
+from .cluster_engine import ClusterEngine, WorkerLost
 
 START_TIMEOUT = 30.0  # seconds for a worker to bind, plus time to read its shard at SLOWEST_DISK
 SLOWEST_DISK = 100e6  # bytes/s: a worker reads its whole shard (huge pages, sha256) before it listens
 STOP_TIMEOUT = 3.0  # seconds between each stage of shutdown: ask, terminate, kill
+START_ATTEMPTS = 3  # launches of one worker while a cluster starts (a killed one is started again)
 
 
 def cache_dir() -> Path:
@@ -132,14 +133,30 @@ def start_workers(shard_folder: Path, n_workers: int, run_folder: Path, tied_to_
     manifest = load_manifest(shard_folder)
     run_folder.mkdir(parents=True, exist_ok=True)
     processes: list[subprocess.Popen] = []
+
+    def launch(index: int) -> subprocess.Popen:
+        return launch_worker(shard_folder / manifest.shards[index].file, index, n_workers, run_folder, tied_to_us,
+                             host, cores_per_worker, secret, context)
     try:
-        for index, shard in enumerate(manifest.shards):
-            processes.append(launch_worker(shard_folder / shard.file, index, n_workers, run_folder,
-                                           tied_to_us, host, cores_per_worker, secret, context))
-        deadline = time.monotonic() + start_timeout(max(shard.n_bytes for shard in manifest.shards))
-        return [StartedWorker(process, wait_for_announce(announce_path(run_folder, index), process, index,
-                                                         deadline))
-                for index, process in enumerate(processes)]
+        processes += [launch(index) for index in range(len(manifest.shards))]
+        started = []
+        for index in range(len(processes)):
+            shard_bytes = manifest.shards[index].n_bytes
+            for attempt in range(2, START_ATTEMPTS + 2):
+                try:
+                    endpoint = wait_for_announce(announce_path(run_folder, index), processes[index], index,
+                                                 time.monotonic() + start_timeout(shard_bytes))
+                    break
+                except WorkerLost:
+                    # Killed (a signal, not an exit code that says why): start it again.
+                    returncode = processes[index].returncode
+                    if returncode is None or returncode >= 0 or attempt > START_ATTEMPTS:
+                        raise
+                    print(f"llmtp: worker {index} was killed (signal {-returncode}) while starting; starting it "
+                          f"again (attempt {attempt} of {START_ATTEMPTS})", file=sys.stderr, flush=True)
+                    processes[index] = launch(index)
+            started.append(StartedWorker(processes[index], endpoint))
+        return started
     except BaseException:
         stop_processes(processes)
         raise
@@ -189,9 +206,9 @@ def wait_for_announce(path: Path, process: subprocess.Popen, index: int, deadlin
     started = time.monotonic()
     while not path.exists():
         if process.poll() is not None:
-            raise WorkerError(f"worker {index} exited with code {process.returncode} while starting")
+            raise WorkerLost(index, f"worker {index} exited with code {process.returncode} while starting")
         if time.monotonic() > deadline:
-            raise WorkerError(f"worker {index} did not start within {deadline - started:.0f} s")
+            raise WorkerLost(index, f"worker {index} did not start within {deadline - started:.0f} s")
         time.sleep(0.02)
     return path.read_text().strip()
 
@@ -218,37 +235,53 @@ def stop_processes(processes: list) -> None:
 class LocalClusterEngine(ClusterEngine):
     """A ClusterEngine that owns its worker processes, restarts lost ones and stops them on close."""
 
-    def __init__(self, *args, shard_folder: Path, run_folder: Path, cores_per_worker: int | None = None,
-                 context_length: int | None = None, **kwargs):
+    def __init__(self, config, embedding, endpoints, model_sha256: str, *, shard_folder: Path, run_folder: Path,
+                 processes: list, cores_per_worker: int | None = None, context_length: int | None = None, **kwargs):
+        """A worker lost during the first handshake (killed as the cluster starts) is started
+        again, up to START_ATTEMPTS times, as one lost mid-generation would be."""
         self.shard_folder = shard_folder
         self.context_length = context_length
         self.cores_per_worker = cores_per_worker
         self.run_folder = run_folder
-        self.processes = kwargs.get("processes") or []
+        self.processes = list(processes)
+        endpoints = list(endpoints)
+        launches = dict.fromkeys(range(len(endpoints)), 1)
         try:
-            super().__init__(*args, **kwargs)
+            while True:
+                try:
+                    super().__init__(config, embedding, endpoints, model_sha256, processes=self.processes, **kwargs)
+                    return
+                except WorkerLost as lost:
+                    launches[lost.index] += 1
+                    if launches[lost.index] > START_ATTEMPTS:
+                        raise
+                    print(f"llmtp: {lost}; starting it again (attempt {launches[lost.index]} of {START_ATTEMPTS})",
+                          file=sys.stderr, flush=True)
+                    self.processes[lost.index], endpoints[lost.index] = self.restart(lost.index, len(endpoints))
         except BaseException:
             stop_processes(list(self.processes))
             shutil.rmtree(run_folder, ignore_errors=True)
             raise
 
+    def restart(self, index: int, n_workers: int) -> tuple[subprocess.Popen, str]:
+        """Stop worker `index` (if it still runs) and start it again: (its process, its endpoint)."""
+        from llmtp.common.formats.manifest import load_manifest
+        shard = load_manifest(self.shard_folder).shards[index]
+        stop_processes([self.processes[index]])
+        process = launch_worker(self.shard_folder / shard.file, index, n_workers, self.run_folder, tied_to_us=True,
+                                cores_per_worker=self.cores_per_worker, secret=self.secret is not None,
+                                context=self.context_length)
+        self.processes[index] = process
+        return process, wait_for_announce(announce_path(self.run_folder, index), process, index,
+                                          time.monotonic() + start_timeout(shard.n_bytes))
+
     def recover(self, wait_seconds: float, lost: set[int] = frozenset()) -> None:
         """Restart every worker that died or was reported lost (a hung one is killed first),
-        then reconnect all of them in a new session."""
-        from llmtp.common.formats.manifest import load_manifest
-        manifest = load_manifest(self.shard_folder)
+        then reconnect all of them in a new session. A replacement that dies while it starts is
+        a WorkerLost too: RecoveringEngine spends another attempt on it."""
         for link in self.links:
-            if link.index not in lost and link.process.poll() is None:
-                continue
-            stop_processes([link.process])
-            link.process = launch_worker(self.shard_folder / manifest.shards[link.index].file, link.index,
-                                         len(self.links), self.run_folder, tied_to_us=True,
-                                         cores_per_worker=self.cores_per_worker, secret=self.secret is not None,
-                                         context=self.context_length)
-            link.endpoint = wait_for_announce(announce_path(self.run_folder, link.index), link.process,
-                                              link.index,
-                                              time.monotonic() + start_timeout(manifest.shards[link.index].n_bytes))
-            self.processes[link.index] = link.process
+            if link.index in lost or link.process.poll() is not None:
+                link.process, link.endpoint = self.restart(link.index, len(self.links))
         super().recover(wait_seconds, lost)
 
     def close(self, shutdown_workers: bool = True) -> None:
@@ -270,9 +303,14 @@ def open_local_engine(shard_folder: Path, n_workers: int, n_slots: int = 1, time
     from llmtp.common.model.memory import with_context
     manifest = load_manifest(shard_folder)
     config = with_context(manifest.config, context, str(shard_folder))
-    run_folder = Path(tempfile.mkdtemp(prefix="llmtp-run-"))
-    started = start_workers(shard_folder, n_workers, run_folder, tied_to_us=True,
-                            cores_per_worker=cores_per_worker, secret=True, context=context)
+    from .run_folders import make_run_folder
+    run_folder = make_run_folder()
+    try:
+        started = start_workers(shard_folder, n_workers, run_folder, tied_to_us=True,
+                                cores_per_worker=cores_per_worker, secret=True, context=context)
+    except BaseException:
+        shutil.rmtree(run_folder, ignore_errors=True)
+        raise
     return LocalClusterEngine(config, load_embedding(shard_folder), [w.endpoint for w in started],
                               manifest.source_sha256, n_slots=n_slots, timeout=timeout,
                               processes=[w.process for w in started], shard_folder=shard_folder,
