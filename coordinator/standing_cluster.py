@@ -67,8 +67,15 @@ def record_of(pid: int, endpoint: str, index: int) -> WorkerRecord:
 def cluster_down(state_file: Path) -> int:
     """Stop the workers the state file names that are still those very processes (SIGTERM, then
     SIGKILL), never another process that got a recorded pid; returns how many were running."""
-    stopped = stop_workers(read_state(state_file), STOP_TIMEOUT)
-    state_file.unlink(missing_ok=True)  # the workers' logs stay in the run folder
+    state = read_state(state_file)
+    # Not under a running generate or serve: it would restart the workers from the state.
+    lock = SessionLock(state_file, state, "stop it first") if state.run_folder.is_dir() else None
+    try:
+        stopped = stop_workers(state, STOP_TIMEOUT)
+        state_file.unlink(missing_ok=True)  # the workers' logs stay in the run folder
+    finally:
+        if lock:
+            lock.release()
     return stopped
 
 
@@ -80,7 +87,9 @@ def rerun_hint(state_file: Path, state: ClusterState) -> str:
 class SessionLock:
     """The run folder's session.lock, held with flock for as long as an engine uses the workers."""
 
-    def __init__(self, state_file: Path, state: ClusterState):
+    def __init__(self, state_file: Path, state: ClusterState,
+                 when_busy: str = "wait for it to finish, or start another cluster with `llmtp cluster up --state "
+                                  "OTHER.json`"):
         path = state.run_folder / LOCK_NAME
         try:
             self.descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -93,8 +102,7 @@ class SessionLock:
             holder = os.pread(self.descriptor, 32, 0).decode(errors="replace").strip()
             os.close(self.descriptor)
             who = f"pid {holder}" if holder.isdigit() else "another process"
-            raise ClusterBusy(f"{state_file}: the cluster is busy: llmtp {who} is using its workers; wait for it "
-                              f"to finish, or start another cluster with `llmtp cluster up --state OTHER.json`") \
+            raise ClusterBusy(f"{state_file}: the cluster is busy: llmtp {who} is using its workers; {when_busy}") \
                 from None
         os.ftruncate(self.descriptor, 0)
         os.pwrite(self.descriptor, str(os.getpid()).encode(), 0)
@@ -129,6 +137,13 @@ def restart_workers(state_file: Path, state: ClusterState, lost: set[int] = froz
     dead = [index for index, worker in enumerate(state.workers) if not is_running(worker)]
     if not dead:
         return state, {}
+    try:
+        current = read_state(state_file)
+    except ConfigError:
+        current = None
+    if current != state:  # only a lock holder writes it: someone removed or replaced it by hand
+        raise WorkerError(f"{state_file}: removed or replaced while in use; not restarting worker(s) "
+                          f"{', '.join(map(str, dead))}")
     from llmtp.common.formats.manifest import load_manifest
     try:
         manifest = load_manifest(state.shards)
