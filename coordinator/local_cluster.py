@@ -1,11 +1,9 @@
 """Workers on this machine: shard into a cache folder once, start N worker processes,
-connect, and stop them all afterwards (or keep them up for `llmtp cluster`)."""
+connect, and stop them all afterwards (standing_cluster.py keeps them up for `llmtp cluster`)."""
 
 import hashlib
-import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -16,11 +14,12 @@ from pathlib import Path
 from llmtp.common.errors import ConfigError, WorkerError
 from llmtp.common.exchange.modes import choose_reduce_mode
 
-from .cluster_engine import ClusterEngine
+from .cluster_engine import ClusterEngine, WorkerLost
 
 START_TIMEOUT = 30.0  # seconds for a worker to bind, plus time to read its shard at SLOWEST_DISK
 SLOWEST_DISK = 100e6  # bytes/s: a worker reads its whole shard (huge pages, sha256) before it listens
 STOP_TIMEOUT = 3.0  # seconds between each stage of shutdown: ask, terminate, kill
+START_ATTEMPTS = 3  # launches of one worker while a cluster starts (a killed one is started again)
 
 
 def cache_dir() -> Path:
@@ -124,7 +123,7 @@ class StartedWorker:
 
 def start_workers(shard_folder: Path, n_workers: int, run_folder: Path, tied_to_us: bool,
                   host: str = "127.0.0.1", cores_per_worker: int | None = None,
-                  secret: bool = False) -> list[StartedWorker]:
+                  secret: bool = False, context: int | None = None) -> list[StartedWorker]:
     """Start one worker per shard on an ephemeral port and wait for each to announce it.
 
     tied_to_us: the workers exit when this process does (one `generate`); otherwise they
@@ -134,14 +133,30 @@ def start_workers(shard_folder: Path, n_workers: int, run_folder: Path, tied_to_
     manifest = load_manifest(shard_folder)
     run_folder.mkdir(parents=True, exist_ok=True)
     processes: list[subprocess.Popen] = []
+
+    def launch(index: int) -> subprocess.Popen:
+        return launch_worker(shard_folder / manifest.shards[index].file, index, n_workers, run_folder, tied_to_us,
+                             host, cores_per_worker, secret, context)
     try:
-        for index, shard in enumerate(manifest.shards):
-            processes.append(launch_worker(shard_folder / shard.file, index, n_workers, run_folder,
-                                           tied_to_us, host, cores_per_worker, secret))
-        deadline = time.monotonic() + start_timeout(max(shard.n_bytes for shard in manifest.shards))
-        return [StartedWorker(process, wait_for_announce(announce_path(run_folder, index), process, index,
-                                                         deadline))
-                for index, process in enumerate(processes)]
+        processes += [launch(index) for index in range(len(manifest.shards))]
+        started = []
+        for index in range(len(processes)):
+            shard_bytes = manifest.shards[index].n_bytes
+            for attempt in range(2, START_ATTEMPTS + 2):
+                try:
+                    endpoint = wait_for_announce(announce_path(run_folder, index), processes[index], index,
+                                                 time.monotonic() + start_timeout(shard_bytes))
+                    break
+                except WorkerLost:
+                    # Killed (a signal, not an exit code that says why): start it again.
+                    returncode = processes[index].returncode
+                    if returncode is None or returncode >= 0 or attempt > START_ATTEMPTS:
+                        raise
+                    print(f"llmtp: worker {index} was killed (signal {-returncode}) while starting; starting it "
+                          f"again (attempt {attempt} of {START_ATTEMPTS})", file=sys.stderr, flush=True)
+                    processes[index] = launch(index)
+            started.append(StartedWorker(processes[index], endpoint))
+        return started
     except BaseException:
         stop_processes(processes)
         raise
@@ -153,8 +168,9 @@ def announce_path(run_folder: Path, index: int) -> Path:
 
 def launch_worker(shard_path: Path, index: int, n_workers: int, run_folder: Path, tied_to_us: bool,
                   host: str = "127.0.0.1", cores_per_worker: int | None = None,
-                  secret: bool = False) -> subprocess.Popen:
-    """Start one worker process (without waiting for it to listen)."""
+                  secret: bool = False, context: int | None = None) -> subprocess.Popen:
+    """Start one worker process (without waiting for it to listen). context: run that many
+    positions instead of the model's seq_len."""
     announce = announce_path(run_folder, index)
     announce.unlink(missing_ok=True)
     command = [sys.executable, "-m", "llmtp.worker", "--shard", str(shard_path), "--bind", f"tcp://{host}:*",
@@ -162,6 +178,8 @@ def launch_worker(shard_path: Path, index: int, n_workers: int, run_folder: Path
     if secret:
         cluster_secret(run_folder)
         command += ["--secret-file", str(run_folder / SECRET_NAME)]
+    if context is not None:
+        command += ["--context", str(context)]
     cpus = cpu_share(index, n_workers, cores_per_worker)
     if cpus:
         command += ["--cpus", ",".join(map(str, cpus))]
@@ -188,9 +206,9 @@ def wait_for_announce(path: Path, process: subprocess.Popen, index: int, deadlin
     started = time.monotonic()
     while not path.exists():
         if process.poll() is not None:
-            raise WorkerError(f"worker {index} exited with code {process.returncode} while starting")
+            raise WorkerLost(index, f"worker {index} exited with code {process.returncode} while starting")
         if time.monotonic() > deadline:
-            raise WorkerError(f"worker {index} did not start within {deadline - started:.0f} s")
+            raise WorkerLost(index, f"worker {index} did not start within {deadline - started:.0f} s")
         time.sleep(0.02)
     return path.read_text().strip()
 
@@ -217,35 +235,53 @@ def stop_processes(processes: list) -> None:
 class LocalClusterEngine(ClusterEngine):
     """A ClusterEngine that owns its worker processes, restarts lost ones and stops them on close."""
 
-    def __init__(self, *args, shard_folder: Path, run_folder: Path, cores_per_worker: int | None = None,
-                 **kwargs):
+    def __init__(self, config, embedding, endpoints, model_sha256: str, *, shard_folder: Path, run_folder: Path,
+                 processes: list, cores_per_worker: int | None = None, context_length: int | None = None, **kwargs):
+        """A worker lost during the first handshake (killed as the cluster starts) is started
+        again, up to START_ATTEMPTS times, as one lost mid-generation would be."""
         self.shard_folder = shard_folder
+        self.context_length = context_length
         self.cores_per_worker = cores_per_worker
         self.run_folder = run_folder
-        self.processes = kwargs.get("processes") or []
+        self.processes = list(processes)
+        endpoints = list(endpoints)
+        launches = dict.fromkeys(range(len(endpoints)), 1)
         try:
-            super().__init__(*args, **kwargs)
+            while True:
+                try:
+                    super().__init__(config, embedding, endpoints, model_sha256, processes=self.processes, **kwargs)
+                    return
+                except WorkerLost as lost:
+                    launches[lost.index] += 1
+                    if launches[lost.index] > START_ATTEMPTS:
+                        raise
+                    print(f"llmtp: {lost}; starting it again (attempt {launches[lost.index]} of {START_ATTEMPTS})",
+                          file=sys.stderr, flush=True)
+                    self.processes[lost.index], endpoints[lost.index] = self.restart(lost.index, len(endpoints))
         except BaseException:
             stop_processes(list(self.processes))
             shutil.rmtree(run_folder, ignore_errors=True)
             raise
 
+    def restart(self, index: int, n_workers: int) -> tuple[subprocess.Popen, str]:
+        """Stop worker `index` (if it still runs) and start it again: (its process, its endpoint)."""
+        from llmtp.common.formats.manifest import load_manifest
+        shard = load_manifest(self.shard_folder).shards[index]
+        stop_processes([self.processes[index]])
+        process = launch_worker(self.shard_folder / shard.file, index, n_workers, self.run_folder, tied_to_us=True,
+                                cores_per_worker=self.cores_per_worker, secret=self.secret is not None,
+                                context=self.context_length)
+        self.processes[index] = process
+        return process, wait_for_announce(announce_path(self.run_folder, index), process, index,
+                                          time.monotonic() + start_timeout(shard.n_bytes))
+
     def recover(self, wait_seconds: float, lost: set[int] = frozenset()) -> None:
         """Restart every worker that died or was reported lost (a hung one is killed first),
-        then reconnect all of them in a new session."""
-        from llmtp.common.formats.manifest import load_manifest
-        manifest = load_manifest(self.shard_folder)
+        then reconnect all of them in a new session. A replacement that dies while it starts is
+        a WorkerLost too: RecoveringEngine spends another attempt on it."""
         for link in self.links:
-            if link.index not in lost and link.process.poll() is None:
-                continue
-            stop_processes([link.process])
-            link.process = launch_worker(self.shard_folder / manifest.shards[link.index].file, link.index,
-                                         len(self.links), self.run_folder, tied_to_us=True,
-                                         cores_per_worker=self.cores_per_worker, secret=self.secret is not None)
-            link.endpoint = wait_for_announce(announce_path(self.run_folder, link.index), link.process,
-                                              link.index,
-                                              time.monotonic() + start_timeout(manifest.shards[link.index].n_bytes))
-            self.processes[link.index] = link.process
+            if link.index in lost or link.process.poll() is not None:
+                link.process, link.endpoint = self.restart(link.index, len(self.links))
         super().recover(wait_seconds, lost)
 
     def close(self, shutdown_workers: bool = True) -> None:
@@ -255,94 +291,29 @@ class LocalClusterEngine(ClusterEngine):
 
 
 def open_local_engine(shard_folder: Path, n_workers: int, n_slots: int = 1, timeout: float = 30.0,
-                      reduce: str | None = None, cores_per_worker: int | None = None):
+                      reduce: str | None = None, cores_per_worker: int | None = None, context: int | None = None):
     """Start workers for a shard folder and connect to them; close() stops them.
+    context: run that many positions (memory.with_context) instead of the model's seq_len.
 
     cores_per_worker: pin each worker to that many cores with as many BLAS threads
     (default: the cores shared out evenly, a lone worker unpinned)."""
     check_cores_per_worker(n_workers, cores_per_worker)
     from llmtp.common.formats.manifest import load_manifest
     from llmtp.common.formats.shard_file import load_embedding
+    from llmtp.common.model.memory import with_context
     manifest = load_manifest(shard_folder)
-    run_folder = Path(tempfile.mkdtemp(prefix="llmtp-run-"))
-    started = start_workers(shard_folder, n_workers, run_folder, tied_to_us=True,
-                            cores_per_worker=cores_per_worker, secret=True)
-    return LocalClusterEngine(manifest.config, load_embedding(shard_folder), [w.endpoint for w in started],
+    config = with_context(manifest.config, context, str(shard_folder))
+    from .run_folders import make_run_folder
+    run_folder = make_run_folder()
+    try:
+        started = start_workers(shard_folder, n_workers, run_folder, tied_to_us=True,
+                                cores_per_worker=cores_per_worker, secret=True, context=context)
+    except BaseException:
+        shutil.rmtree(run_folder, ignore_errors=True)
+        raise
+    return LocalClusterEngine(config, load_embedding(shard_folder), [w.endpoint for w in started],
                               manifest.source_sha256, n_slots=n_slots, timeout=timeout,
                               processes=[w.process for w in started], shard_folder=shard_folder,
-                              run_folder=run_folder, secret=cluster_secret(run_folder), reduce=choose_reduce_mode(n_workers, reduce, local=True),
-                              cores_per_worker=cores_per_worker)
-
-
-# `llmtp cluster up / down`: detached workers described by a state file.
-
-def state_path(explicit: str | None) -> Path:
-    return Path(explicit) if explicit else cache_dir() / "cluster.json"
-
-
-def cluster_up(checkpoint_path: Path, tokenizer_path: Path, n_workers: int, state_file: Path) -> dict:
-    if state_file.exists():
-        raise ConfigError(f"{state_file}: a cluster is already up; run `llmtp cluster down` first")
-    shard_folder = ensure_shards(checkpoint_path, n_workers)
-    run_folder = state_file.parent / (state_file.stem + "-run")
-    started = start_workers(shard_folder, n_workers, run_folder, tied_to_us=False, secret=True)
-    state = {"checkpoint": str(checkpoint_path.resolve()), "tokenizer": str(tokenizer_path.resolve()),
-             "shards": str(shard_folder), "run_folder": str(run_folder),
-             "workers": [{"pid": w.process.pid, "endpoint": w.endpoint} for w in started]}
-    state_file.parent.mkdir(parents=True, exist_ok=True)
-    state_file.write_text(json.dumps(state, indent=2))
-    return state
-
-
-def read_cluster_state(state_file: Path) -> dict:
-    try:
-        state = json.loads(state_file.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{state_file}: no cluster is up (run `llmtp cluster up` first)") from None
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"{state_file}: unreadable cluster state ({error})") from None
-    for key in ("tokenizer", "shards", "workers"):
-        if key not in state:
-            raise ConfigError(f"{state_file}: cluster state has no {key!r}")
-    return state
-
-
-def open_cluster_engine(state: dict, n_slots: int = 1, timeout: float = 30.0) -> ClusterEngine:
-    from llmtp.common.formats.manifest import load_manifest
-    from llmtp.common.formats.shard_file import load_embedding
-    shard_folder = Path(state["shards"])
-    manifest = load_manifest(shard_folder)
-    secret_path = Path(state.get("run_folder", "")) / SECRET_NAME if state.get("run_folder") else None
-    secret = secret_path.read_text().strip() if secret_path and secret_path.is_file() else None
-    return ClusterEngine(manifest.config, load_embedding(shard_folder),
-                         [worker["endpoint"] for worker in state["workers"]], manifest.source_sha256,
-                         n_slots=n_slots, timeout=timeout, secret=secret)
-
-
-def cluster_down(state_file: Path) -> int:
-    """Stop the workers of the state file (SIGTERM, then SIGKILL); returns how many were running."""
-    state = read_cluster_state(state_file)
-    pids = [worker["pid"] for worker in state["workers"] if _is_our_worker(worker["pid"])]
-    for pid in pids:
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT
-    while any(_is_our_worker(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for pid in pids:
-        if _is_our_worker(pid):
-            os.kill(pid, signal.SIGKILL)
-    state_file.unlink(missing_ok=True)  # the workers' logs stay in the run folder
-    return len(pids)
-
-
-def _is_our_worker(pid: int) -> bool:
-    """Alive and still a worker (the pid was not recycled by something else)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            cmdline = handle.read()
-        with open(f"/proc/{pid}/stat") as handle:
-            if handle.read().split(")")[-1].split()[0] == "Z":
-                return False
-    except OSError:
-        return False
-    return b"worker" in cmdline
+                              run_folder=run_folder, secret=cluster_secret(run_folder),
+                              reduce=choose_reduce_mode(n_workers, reduce, local=True),
+                              cores_per_worker=cores_per_worker, context_length=context)

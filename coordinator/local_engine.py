@@ -25,14 +25,14 @@ class LocalEngine(Engine):
         self.model = SliceModel(config, full_slice(config), weights.as_shard(), n_slots)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint, n_slots: int = 1) -> "LocalEngine":
+    def from_checkpoint(cls, checkpoint, n_slots: int = 1, config: ModelConfig | None = None) -> "LocalEngine":
         """An engine over a loaded checkpoint's map, first faulted in (onto 2 MiB pages where
-        possible: see common/mapping.py)."""
+        possible: see common/mapping.py). config: the checkpoint's with a shorter context."""
         if checkpoint.mapping is not None:
             note = settle_on_huge_pages(checkpoint.mapping, checkpoint.path)
             if note:
                 print(f"llmtp: {note}", file=sys.stderr)
-        return cls(checkpoint.config, checkpoint.weights, n_slots)
+        return cls(config or checkpoint.config, checkpoint.weights, n_slots)
 
     def step(self, tokens: np.ndarray, sequences: Sequence[StepSequence], all_logits: bool = False) -> np.ndarray:
         """tokens: (T,) ids of all sequences in order -> logits (n_sequences or T, vocab_size)."""

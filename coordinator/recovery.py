@@ -13,6 +13,7 @@ Losses are counted per worker over a sliding window: a worker that dies again an
 given up on, a long-running server that loses a worker once a day is not.
 """
 
+import atexit
 import sys
 import time
 from collections import deque
@@ -69,6 +70,9 @@ class RecoveringEngine(Engine):
         self.steps: list[LoggedStep] = []
         self.lengths: dict[int, int] = {}  # slot -> positions cached
         self.recoveries = 0
+        # A caller cut short (`generate | head`: BrokenPipeError in its own cleanup) may never
+        # call close(): the workers, the shared memory and the run folder still go at exit.
+        atexit.register(self.close)
 
     @property
     def config(self):
@@ -143,4 +147,5 @@ class RecoveringEngine(Engine):
         return self.engine.timing()
 
     def close(self) -> None:
+        atexit.unregister(self.close)
         self.engine.close()

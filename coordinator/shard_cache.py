@@ -4,7 +4,6 @@ an interrupted sharding, and (when asked) everything that would be remade on dem
 
 Shards that a running `cluster up` (the default state file) serves are never removed."""
 
-import json
 import os
 import shutil
 import time
@@ -13,7 +12,8 @@ from pathlib import Path
 
 from llmtp.common.errors import LlmtpError
 
-from .local_cluster import cache_dir, shard_cache_folder, state_path
+from .local_cluster import cache_dir, shard_cache_folder
+from .standing_cluster import state_path
 
 UNFINISHED_AGE = 3600.0  # seconds: a younger folder without a manifest may still be being written
 
@@ -48,11 +48,11 @@ def folder_bytes(path: Path) -> int:
 
 def shards_in_use() -> set[Path]:
     """The shard folder of the default `cluster up` state file, if a cluster is up."""
+    from .cluster_state import read_state
     try:
-        shards = json.loads(state_path(None).read_text()).get("shards")
-    except (OSError, ValueError, AttributeError):
+        return {read_state(state_path(None)).shards.resolve()}
+    except LlmtpError:  # no cluster up, or a state file that names nothing it could protect
         return set()
-    return {Path(shards).resolve()} if isinstance(shards, str) else set()
 
 
 def shard_folder_state(folder: Path, in_use: set[Path], now: float) -> tuple[str, str]:

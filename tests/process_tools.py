@@ -48,3 +48,13 @@ def worker_children_of(pid: int) -> list[int]:
         except OSError:
             pass
     return workers
+
+
+def wait_for_file(path, process, deadline: float) -> None:
+    """Until `process` writes `path` (a worker's --announce), with a deadline."""
+    while not path.exists():
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[:4]} exited with {process.returncode} before writing {path}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} not written in time")
+        time.sleep(0.05)

@@ -32,7 +32,10 @@ def cache(tmp_path, monkeypatch):
     write_random_checkpoint(changed, config, seed=4)
     os.utime(changed, ns=(time.time_ns(), os.stat(changed).st_mtime_ns + 10**9))
     served.unlink()
-    (root / "cluster.json").write_text(json.dumps({"shards": str(folders["in use"])}))
+    from llmtp.coordinator.cluster_state import ClusterState, WorkerRecord, write_state
+    write_state(root / "cluster.json", ClusterState(
+        checkpoint=served, tokenizer=tmp_path / "t.bin", shards=folders["in use"], run_folder=root / "cluster-run",
+        workers=(WorkerRecord(pid=1, start_time=1, endpoint="tcp://127.0.0.1:1"),)))
     for name, age in (("unfinished", 2 * 3600), ("being written", 0)):
         folder = root / "shards" / f"x-0000000000000000-2w.{name.replace(' ', '_')}"
         folder.mkdir()

@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus", help="pin this worker (and its BLAS threads) to these cores, e.g. 0,1")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip checking the shard's sha256 against the manifest.json beside it")
+    parser.add_argument("--context", type=int, metavar="N",
+                        help="positions of context to hold (default: the model's seq_len; fewer need less memory)")
     parser.add_argument("--timeout", type=float,
                         help="seconds to wait for a reduction mid-step before dropping the session (default 60)")
 
@@ -38,7 +40,7 @@ def cmd_worker(args) -> int:
     return run_worker(settings.shard_path(), WorkerOptions(
         bind=settings.bind, announce_file=args.announce, parent_pid=args.parent_pid,
         reduce_timeout=settings.reduce_timeout, peer_port=settings.peer_port, keys=settings.keys,
-        verify=args.verify, secret=read_secret(args.secret_file)))
+        verify=args.verify, secret=read_secret(args.secret_file), context=args.context))
 
 
 def read_secret(path: str | None) -> str | None:

@@ -1,5 +1,6 @@
 """Starting a worker: load and check its shard, bind, serve until told to stop."""
 
+import dataclasses
 import os
 import sys
 
@@ -50,6 +51,9 @@ def run_worker(shard_path: str, options: WorkerOptions) -> int:
         print(f"llmtp worker {shard.spec.index}/{shard.spec.count}: {note}", file=sys.stderr, flush=True)
     if options.verify:
         verify_against_manifest(shard)
+    if options.context is not None:  # the KV cache, RoPE table and message bounds follow seq_len
+        from llmtp.common.model.memory import with_context
+        shard = dataclasses.replace(shard, config=with_context(shard.config, options.context, str(shard.path)))
     try:
         worker = Worker(shard, options)
     except zmq.ZMQError as error:

@@ -44,6 +44,7 @@ class WorkerOptions:
     keys: security.WorkerKeys | None = None  # CURVE on every socket (see common/security.py)
     verify: bool = True  # check the shard's sha256 against a manifest.json beside it
     secret: str | None = None  # without keys: every HELLO must carry it (local clusters)
+    context: int | None = None  # positions to hold (None: the model's seq_len)
 
 
 class Worker:

@@ -26,9 +26,11 @@ def rope_table_bytes(config: ModelConfig) -> int:
     return config.seq_len * (config.head_dim // 2) * COMPLEX64_BYTES
 
 
-def context_bytes(config: ModelConfig, n_slots: int, n_kv_heads_local: int | None = None) -> int:
-    """Memory one process needs for its contexts, beyond its weights."""
-    return kv_cache_bytes(config, n_slots, n_kv_heads_local) + rope_table_bytes(config)
+def context_bytes(config: ModelConfig, n_slots: int, n_kv_heads_local: int | None = None,
+                  n_processes: int = 1) -> int:
+    """Memory for the contexts beyond the weights: the KV cache, and one RoPE table in each of
+    n_processes processes (the workers of one machine each build their own)."""
+    return kv_cache_bytes(config, n_slots, n_kv_heads_local) + n_processes * rope_table_bytes(config)
 
 
 def available_memory_bytes() -> int:
@@ -47,20 +49,22 @@ def gib(n_bytes: int) -> str:
     return f"{n_bytes / 2 ** 30:.1f} GiB"
 
 
-def largest_context(config: ModelConfig, n_slots: int, budget_bytes: int, n_kv_heads_local: int | None = None) -> int:
+def largest_context(config: ModelConfig, n_slots: int, budget_bytes: int, n_kv_heads_local: int | None = None,
+                    n_processes: int = 1) -> int:
     """The most positions whose contexts fit `budget_bytes` (0 if not even one)."""
-    one = context_bytes(replace(config, seq_len=1), n_slots, n_kv_heads_local)
+    one = context_bytes(replace(config, seq_len=1), n_slots, n_kv_heads_local, n_processes)
     return max(0, min(config.seq_len, budget_bytes // one))
 
 
 def check_context(config: ModelConfig, n_slots: int, where: str, n_kv_heads_local: int | None = None,
-                  budget_bytes: int | None = None) -> None:
-    """Refuse, in one line naming `where`, contexts that cannot fit in memory."""
+                  budget_bytes: int | None = None, n_processes: int = 1) -> None:
+    """Refuse, in one line naming `where`, contexts that cannot fit in memory (n_processes: the
+    local workers that share this machine's memory, each with its RoPE table)."""
     budget = available_memory_bytes() if budget_bytes is None else budget_bytes
-    needed = context_bytes(config, n_slots, n_kv_heads_local)
+    needed = context_bytes(config, n_slots, n_kv_heads_local, n_processes)
     if needed <= budget:
         return
-    fits = largest_context(config, n_slots, budget, n_kv_heads_local)
+    fits = largest_context(config, n_slots, budget, n_kv_heads_local, n_processes)
     hint = f"--context {fits} fits" if fits else "not even one position fits"
     raise ConfigError(f"{where}: a context of {config.seq_len} positions x {n_slots} slot(s) needs "
                       f"{gib(needed)} of KV cache and RoPE table, {gib(budget)} is available ({hint})")

@@ -22,22 +22,22 @@ def register(subparsers) -> None:
 
 
 def run_up(args) -> int:
-    from llmtp.coordinator import local_cluster
+    from llmtp.coordinator import standing_cluster
 
     from .engines import resolve_model_paths
     if args.workers < 1:
         raise ConfigError(f"-w/--workers must be >= 1, got {args.workers}")
     checkpoint_path, tokenizer_path = resolve_model_paths(args.checkpoint, args.tokenizer)
-    state_file = local_cluster.state_path(args.state)
-    state = local_cluster.cluster_up(checkpoint_path, tokenizer_path, args.workers, state_file)
-    for index, worker in enumerate(state["workers"]):
-        print(f"worker {index}: pid {worker['pid']} at {worker['endpoint']}")
+    state_file = standing_cluster.state_path(args.state)
+    state = standing_cluster.cluster_up(checkpoint_path, tokenizer_path, args.workers, state_file)
+    for index, worker in enumerate(state.workers):
+        print(f"worker {index}: pid {worker.pid} at {worker.endpoint}")
     print(f"cluster is up ({state_file}); use `llmtp generate --cluster`, stop with `llmtp cluster down`")
     return 0
 
 
 def run_down(args) -> int:
-    from llmtp.coordinator import local_cluster
-    stopped = local_cluster.cluster_down(local_cluster.state_path(args.state))
+    from llmtp.coordinator import standing_cluster
+    stopped = standing_cluster.cluster_down(standing_cluster.state_path(args.state))
     print(f"stopped {stopped} worker(s)")
     return 0

@@ -14,6 +14,7 @@ import llmtp.common as common_package
 from llmtp.common.errors import ConfigError
 from llmtp.common.formats.checkpoint import MAGIC
 from llmtp.common.model.config import ModelConfig
+from llmtp.common.model.memory import check_context, with_context
 
 from ..engine import Engine
 
@@ -34,12 +35,13 @@ class EngineOptions:
     timeout: float | None = None  # None: DEFAULT_REPLY_TIMEOUT or the config's
     recover_wait: float | None = None  # None: DEFAULT_RECOVER_WAIT or the config's
     n_slots: int = 1
+    context: int | None = None  # positions to run (None: the model's seq_len); in-process and --workers only
 
     @classmethod
     def from_args(cls, args) -> "EngineOptions":
         return cls(checkpoint=args.checkpoint, tokenizer=args.tokenizer, workers=args.workers,
                    cluster=args.cluster, config=args.config, timeout=args.timeout,
-                   recover_wait=args.recover_wait)
+                   recover_wait=args.recover_wait, context=args.context)
 
 
 @dataclass(frozen=True)
@@ -84,28 +86,39 @@ def resolve_model_paths(checkpoint: str | None, tokenizer: str | None) -> tuple[
 def plan_engine(options: EngineOptions) -> EnginePlan:
     """With workers, the coordinator maps only the shard folder's embedding table; the
     checkpoint itself is read once, to shard it into the cache."""
-    if options.config is not None:
-        return plan_config_engine(options)
-    if options.cluster is not None:
-        return plan_cluster_engine(options)
+    if options.config is not None or options.cluster is not None:
+        if options.context is not None:
+            raise ConfigError("--context applies to a model run in this process or on --workers N; running "
+                              "workers (--cluster, --config) keep the context they were started with "
+                              "(`llmtp worker --context N`)")
+        return plan_config_engine(options) if options.config is not None else plan_cluster_engine(options)
     checkpoint_path, tokenizer_path = resolve_model_paths(options.checkpoint, options.tokenizer)
+    where = str(checkpoint_path)
     if options.workers:
         from llmtp.common.formats.manifest import load_manifest
         from llmtp.coordinator import local_cluster
         warn_if_oversubscribed(options.workers, len(local_cluster.usable_cpus()))
         shard_folder = local_cluster.ensure_shards(checkpoint_path, options.workers)
+        config = with_context(load_manifest(shard_folder).config, options.context, where)
+        check_context(config, options.n_slots, where, n_processes=options.workers)
 
         def open_workers(n_slots: int = options.n_slots) -> Engine:
+            check_context(config, n_slots, where, n_processes=options.workers)  # before any worker starts
             return recovering(local_cluster.open_local_engine(shard_folder, options.workers, n_slots=n_slots,
-                                                              timeout=reply_timeout(options)), options)
-        return EnginePlan(load_manifest(shard_folder).config, tokenizer_path, open_workers, checkpoint_path)
+                                                              timeout=reply_timeout(options),
+                                                              context=options.context), options)
+        return EnginePlan(config, tokenizer_path, open_workers, checkpoint_path)
 
     from llmtp.common.formats.load import load_model
     from ..local_engine import LocalEngine
     checkpoint = load_model(checkpoint_path)
-    return EnginePlan(checkpoint.config, tokenizer_path,
-                      lambda n_slots=options.n_slots: LocalEngine.from_checkpoint(checkpoint, n_slots=n_slots),
-                      checkpoint_path)
+    config = with_context(checkpoint.config, options.context, where)
+    check_context(config, options.n_slots, where)
+
+    def open_here(n_slots: int = options.n_slots) -> Engine:
+        check_context(config, n_slots, where)
+        return LocalEngine.from_checkpoint(checkpoint, n_slots=n_slots, config=config)
+    return EnginePlan(config, tokenizer_path, open_here, checkpoint_path)
 
 
 def warn_if_oversubscribed(n_workers: int, n_cores: int) -> None:
@@ -119,19 +132,21 @@ def warn_if_oversubscribed(n_workers: int, n_cores: int) -> None:
 def plan_cluster_engine(options: EngineOptions) -> EnginePlan:
     """--cluster: the workers, shards and tokenizer of `llmtp cluster up` (-z may replace the last)."""
     from llmtp.common.formats.manifest import load_manifest
-    from llmtp.coordinator import local_cluster
+    from llmtp.coordinator import standing_cluster
+    from llmtp.coordinator.cluster_state import read_state
     if options.workers:
         raise ConfigError("--cluster runs on the workers `llmtp cluster up` started; --workers does not apply "
                           "(give one or the other)")
     if options.checkpoint:
         raise ConfigError("--cluster runs the model `llmtp cluster up` was given; CHECKPOINT does not apply")
-    state_file = local_cluster.state_path(options.cluster or None)
+    state_file = standing_cluster.state_path(options.cluster or None)
     check_state_file(state_file)
-    state = local_cluster.read_cluster_state(state_file)
-    config = load_manifest(state["shards"]).config
-    tokenizer = options.tokenizer or state["tokenizer"]
-    return EnginePlan(config, Path(tokenizer), lambda n_slots=options.n_slots: recovering(
-        local_cluster.open_cluster_engine(state, n_slots=n_slots, timeout=reply_timeout(options)), options))
+    state = read_state(state_file)
+    config = load_manifest(state.shards).config
+    tokenizer = Path(options.tokenizer) if options.tokenizer else state.tokenizer
+    return EnginePlan(config, tokenizer, lambda n_slots=options.n_slots: recovering(
+        standing_cluster.StandingClusterEngine(state_file, n_slots=n_slots, timeout=reply_timeout(options)),
+        options))
 
 
 def check_state_file(state_file: Path) -> None:

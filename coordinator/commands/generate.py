@@ -5,7 +5,7 @@ import time
 
 from llmtp.common.errors import ConfigError
 
-from .arguments import finite_float, non_negative_int, positive_seconds, seed
+from .arguments import finite_float, non_negative_int, positive_int, positive_seconds, seed
 
 MAX_PROMPT_BYTES = 16 << 20  # a prompt from stdin or -f: more than any context holds, less than memory
 
@@ -35,6 +35,8 @@ def register(subparsers) -> None:
                      help="use the workers of `llmtp cluster up` (optional: its state file)")
     gen.add_argument("--config", help="cluster YAML: run on the workers it lists, with its tokenizer, "
                      "shard folder and timeouts")
+    gen.add_argument("--context", type=positive_int, metavar="N", help="positions of context to run (default: the "
+                     "model's seq_len): a shorter context than the model was trained for needs less memory")
     gen.add_argument("--timeout", type=positive_seconds, help="seconds to wait for any worker reply "
                      "(default 30, or the config's timeouts.reply)")
     gen.add_argument("--recover-wait", type=positive_seconds,

@@ -12,7 +12,7 @@ from llmtp.common.formats.chat_template import ChatTemplate, jinja_template, res
 from llmtp.common.model.config import ModelConfig
 from llmtp.common.model.memory import available_memory_bytes, kv_cache_bytes
 
-from ..commands.arguments import non_negative_int, positive_seconds
+from ..commands.arguments import non_negative_int, positive_int, positive_seconds
 
 KV_MEMORY_SHARE = 0.25  # the default --slots may use this share of available memory for KV caches
 MAX_DEFAULT_SLOTS = 8
@@ -37,6 +37,8 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--cluster", nargs="?", const="", default=None, metavar="STATE",
                         help="use the workers of `llmtp cluster up` (optional: its state file)")
     parser.add_argument("--config", help="cluster YAML: run on the workers it lists")
+    parser.add_argument("--context", type=positive_int, metavar="N",
+                        help="positions of context to run (default: the model's seq_len; fewer need less memory)")
     parser.add_argument("--chat-template", metavar="NAME|FILE", help="llama2, chatml, a Jinja file or a "
                         "tokenizer_config.json (default: the model's own template, else llama2)")
     parser.add_argument("--timeout", type=positive_seconds, help="seconds to wait for any worker reply "
@@ -61,7 +63,7 @@ def open_model(args, n_slots: int | None) -> OpenedModel:
         raise ConfigError(f"--slots must be >= 1, got {n_slots}")
     plan = plan_engine(EngineOptions(checkpoint=args.checkpoint, tokenizer=args.tokenizer, workers=args.workers,
                                      cluster=args.cluster, config=args.config, timeout=args.timeout,
-                                     recover_wait=args.recover_wait))
+                                     recover_wait=args.recover_wait, context=args.context))
     tokenizer = open_tokenizer(plan.tokenizer_path, plan.config.vocab_size)
     template = model_template(args.chat_template, tokenizer, plan.checkpoint_path)
     engine = plan.open(n_slots if n_slots is not None else default_slots(plan.config))
