@@ -179,3 +179,13 @@ def test_bad_chat_arguments_exit_2_in_one_line(args, message):
 def test_chat_at_end_of_input_exits_0():
     result = run_llmtp("chat", input="")
     assert result.returncode == 0 and result.stdout == "User: \n"
+
+
+def test_chat_on_2_workers_overflowing_the_context_prints_what_in_process_prints():
+    """Dropping turns re-prefills from an earlier position: the workers' caches follow."""
+    lines = "".join(f"{word}\n" for word in ("a", "b", "c", "d"))
+    local = run_llmtp("chat", "-t", "0", "-n", 100, input=lines)
+    workers = run_llmtp("chat", "-t", "0", "-n", 100, "-w", 2, input=lines)
+    assert local.returncode == workers.returncode == 0, workers.stderr
+    assert "dropped the oldest" in workers.stderr
+    assert workers.stdout == local.stdout
