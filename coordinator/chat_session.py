@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from llmtp.common.formats.chat_template import ChatMessage, ChatTemplate
+from llmtp.common.formats.chat_template import ChatMessage, ChatTemplate, TemplateError
 from llmtp.common.model.transformer import StepSequence
 
 from .serve.text_stream import TextStream
@@ -42,8 +42,9 @@ class Turn:
 @dataclass(frozen=True)
 class TurnResult:
     """reason: "stop" (EOS or a stop string), "length" (the answer's token limit), "context"
-    (the context is full), "interrupted", or "too_long" (the message alone does not fit; it was
-    not added). prefilled: ids run through prefill for this turn; dropped: earlier turns dropped."""
+    (the context is full), "interrupted", or "not_sent" (the message alone does not fit, or the
+    template refused it; it was not added). prefilled: ids run through prefill for this turn;
+    dropped: earlier turns dropped."""
 
     text: str
     reason: str
@@ -82,7 +83,8 @@ class ChatSession:
         """The template's rendering of the system prompt, `turns` and (with a generation prompt)
         next_user, as ids: answers as their own ids, text runs encoded one by one."""
         messages = [ChatMessage("system", _clean(self.system))] if self.system else []
-        for index, turn in enumerate(turns[-MAX_TURNS:]):
+        turns = turns[-MAX_TURNS:]
+        for index, turn in enumerate(turns):
             messages += [ChatMessage("user", _clean(turn.user)), ChatMessage("assistant", chr(ANSWER_BASE + index))]
         if next_user is not None:
             messages.append(ChatMessage("user", _clean(next_user)))
@@ -111,13 +113,17 @@ class ChatSession:
         """prepare then respond: one whole turn."""
         prepared = self.prepare(user)
         if prepared.ids is None:
-            return TurnResult("", "too_long", 0, prepared.dropped, ())
+            return TurnResult("", "not_sent", 0, prepared.dropped, ())
         return self.respond(prepared, on_text, interrupted)
 
     def prepare(self, user: str) -> "Prepared":
         """The turn's conversation ids, old turns dropped to fit (with a notice); ids None when
         the message cannot be sent."""
-        ids, dropped = self.fit(user)
+        try:
+            ids, dropped = self.fit(user)
+        except TemplateError as error:  # e.g. a template that allows no system prompt
+            self.notify(f"chat template {self.template.name}: {error}: not sent")
+            return Prepared(user, None, 0)
         return Prepared(user, ids, dropped)
 
     def respond(self, prepared: "Prepared", on_text: Callable[[str], None] = lambda text: None,

@@ -127,7 +127,7 @@ def test_a_message_longer_than_the_context_is_refused_with_a_notice(model):
     notices = []
     chat = session(model, CountingEngine(checkpoint), notify=notices.append)
     result = chat.ask("To be, or not to be. " * 200)
-    assert result.reason == "too_long" and not chat.turns and "not sent" in notices[0]
+    assert result.reason == "not_sent" and not chat.turns and "not sent" in notices[0]
     assert chat.ask(FIRST).reason in ("stop", "context")  # and the chat goes on
 
 
@@ -189,3 +189,14 @@ def test_chat_on_2_workers_overflowing_the_context_prints_what_in_process_prints
     assert local.returncode == workers.returncode == 0, workers.stderr
     assert "dropped the oldest" in workers.stderr
     assert workers.stdout == local.stdout
+
+
+def test_a_template_that_refuses_the_messages_is_a_notice_not_a_crash(model, tmp_path):
+    checkpoint, tokenizer = model
+    from llmtp.common.formats.chat_template import jinja_template
+    refusing = jinja_template("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system') }}"
+                              "{% endif %}{{ messages[-1]['content'] }}", name="strict")
+    notices = []
+    chat = ChatSession(CountingEngine(checkpoint), tokenizer, refusing, Sampler(SamplerConfig(temperature=0.0)),
+                       system=SYSTEM, notify=notices.append)
+    assert chat.ask(FIRST).reason == "not_sent" and "no system" in notices[0]
