@@ -87,10 +87,17 @@ def test_page_streams_an_answer_and_keeps_the_conversation(server, browser, mode
         browser.find_element(By.ID, field).clear()
         browser.find_element(By.ID, field).send_keys(value)
 
+    # Count the answer's updates as they land: a streamed answer is written piece by piece.
+    browser.execute_script("""
+        window.answerUpdates = 0;
+        new MutationObserver((records) => {
+            for (const r of records) if (r.target.classList && r.target.classList.contains("assistant")) window.answerUpdates++;
+        }).observe(document.getElementById("log"), {childList: true, subtree: true});""")
     first = [ChatMessage("user", "Who goes there?")]
     browser.find_element(By.ID, "input").send_keys(first[0].content)
     browser.find_element(By.ID, "send").click()
     answer = wait_idle(browser, 1)
+    assert browser.execute_script("return window.answerUpdates") >= 2
     expected, _ = greedy_text(model, encode_chat(tokenizer, template, first), MAX_TOKENS)
     assert answer == expected and answer
 
