@@ -1,9 +1,9 @@
 """One module per `llmtp` subcommand, each with `register(subparsers)` (its arguments and
 handler) and its run function. To add a command: a module here and one line in COMMANDS."""
 
-from . import bench, cache, cluster, convert, generate, inspect, keygen, serve, shard, tokenize, worker
+from . import bench, cache, chat, cluster, convert, generate, inspect, keygen, serve, shard, tokenize, worker
 
-COMMANDS = (generate, serve, shard, worker, cluster, keygen, tokenize, convert, bench, inspect, cache)
+COMMANDS = (generate, chat, serve, shard, worker, cluster, keygen, tokenize, convert, bench, inspect, cache)
 
 
 def register_all(subparsers) -> None:

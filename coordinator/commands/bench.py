@@ -28,6 +28,8 @@ def register(subparsers) -> None:
     bench.add_argument("--cores-per-worker", type=int, default=1,
                        help="pin each worker to this many cores, so N workers scale over N x that many "
                             "(default 1; 0 = share all cores, as generate does)")
+    bench.add_argument("--serve", nargs="?", const="0,2", metavar="WORKERS", help="instead: serve's aggregate "
+                       "decode at 1, 4 and 8 streams on these worker counts (default 0,2; 0 = in-process)")
     bench.set_defaults(handler=run)
 
 
@@ -47,6 +49,9 @@ def run(args) -> int:
         model, path = args.preset, bench.synthetic_checkpoint(args.preset)
     else:
         model, path = Path(args.checkpoint).stem, Path(args.checkpoint)
+    if args.serve is not None:
+        from llmtp.coordinator.bench.serve_bench import run_from_args
+        return run_from_args(args, model, path)
     report = bench.run_bench(model, path, worker_counts, args.prompt_tokens, args.decode_tokens, args.reduce,
                              args.compare_hf, probe_mib=args.probe_mib,
                              cores_per_worker=args.cores_per_worker or None, rounds=args.rounds)

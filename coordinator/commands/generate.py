@@ -42,6 +42,9 @@ def register(subparsers) -> None:
     gen.add_argument("--recover-wait", type=positive_seconds,
                      help="seconds to wait for a lost worker to come back before giving up "
                           "(default 30, or the config's timeouts.recover)")
+    gen.add_argument("-m", "--mode", choices=("generate", "chat"), default="generate",
+                     help="chat: run.c's chat mode (-y system prompt, -i first message, then User: turns)")
+    gen.add_argument("-y", "--system", help="system prompt in chat mode (default: asked for, as run.c)")
     gen.set_defaults(handler=run)
 
 
@@ -54,6 +57,9 @@ def run(args) -> int:
 
     check_sampling_args(args)
     prompt = read_prompt(args.prompt, args.prompt_file)
+    if args.mode == "chat":
+        from .chat import run_c_chat_mode
+        return run_c_chat_mode(args, prompt)
     plan = plan_engine(EngineOptions.from_args(args))
     tokenizer = open_tokenizer(plan.tokenizer_path, plan.config.vocab_size, allow_longer=args.any_tokenizer)
     prompt_ids = tokenizer.encode(prompt, bos=True)
