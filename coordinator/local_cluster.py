@@ -264,10 +264,11 @@ def open_local_engine(shard_folder: Path, n_workers: int, n_slots: int = 1, time
     from llmtp.common.formats.manifest import load_manifest
     from llmtp.common.formats.shard_file import load_embedding
     manifest = load_manifest(shard_folder)
+    embedding = load_embedding(manifest)  # verified before any worker or run folder exists
     run_folder = Path(tempfile.mkdtemp(prefix="llmtp-run-"))
     started = start_workers(shard_folder, n_workers, run_folder, tied_to_us=True,
                             cores_per_worker=cores_per_worker, secret=True)
-    return LocalClusterEngine(manifest.config, load_embedding(shard_folder), [w.endpoint for w in started],
+    return LocalClusterEngine(manifest.config, embedding, [w.endpoint for w in started],
                               manifest.source_sha256, n_slots=n_slots, timeout=timeout,
                               processes=[w.process for w in started], shard_folder=shard_folder,
                               run_folder=run_folder, secret=cluster_secret(run_folder), reduce=choose_reduce_mode(n_workers, reduce, local=True),
