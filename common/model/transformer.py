@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .blas_threads import BlasThreads
 from .config import ModelConfig
 from llmtp.common.errors import ProtocolError
 from .matrices import Matrix, stack_rows
@@ -75,6 +76,7 @@ class SliceModel:
         # q, k, v and then w1, w3 as one product each where their storage lies back to back
         self.stacked_qkv = [stack_rows([layer.wq, layer.wk, layer.wv]) for layer in weights.layers]
         self.stacked_w13 = [stack_rows([layer.w1, layer.w3]) for layer in weights.layers]
+        self.blas_threads = BlasThreads()  # one busy core must not cost more than its share
 
     def forward(self, x: np.ndarray, sequences: Sequence[StepSequence], allreduce: AllReduce = no_reduce,
                 all_logits: bool = False) -> np.ndarray:
@@ -83,6 +85,11 @@ class SliceModel:
         Returns this worker's logits slice, (n_sequences, vocab_local) for each
         sequence's last token, or (T, vocab_local) with all_logits."""
         self.check_sequences(sequences, x.shape[0])
+        with self.blas_threads.step(x.shape[0]):
+            return self._forward(x, sequences, allreduce, all_logits)
+
+    def _forward(self, x: np.ndarray, sequences: Sequence[StepSequence], allreduce: AllReduce,
+                 all_logits: bool) -> np.ndarray:
         positions = np.concatenate([np.arange(s.start_position, s.start_position + s.n_tokens)
                                     for s in sequences])
         for layer_index in range(self.spec.n_layers_local):  # indices into this slice's layers
