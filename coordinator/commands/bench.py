@@ -28,6 +28,7 @@ def register(subparsers) -> None:
     bench.add_argument("--cores-per-worker", type=int, default=1,
                        help="pin each worker to this many cores, so N workers scale over N x that many "
                             "(default 1; 0 = share all cores, as generate does)")
+    bench.add_argument("--contended", action="store_true", help="also time every row while a busy process holds one core")
     bench.set_defaults(handler=run)
 
 
@@ -49,7 +50,8 @@ def run(args) -> int:
         model, path = Path(args.checkpoint).stem, Path(args.checkpoint)
     report = bench.run_bench(model, path, worker_counts, args.prompt_tokens, args.decode_tokens, args.reduce,
                              args.compare_hf, probe_mib=args.probe_mib,
-                             cores_per_worker=args.cores_per_worker or None, rounds=args.rounds)
+                             cores_per_worker=args.cores_per_worker or None, rounds=args.rounds,
+                             contended=args.contended)
     print(bench.format_report(report))
     json_path, png_path = bench.save_report(report, Path(args.out))
     print(f"\nwrote {json_path}" + (f" and {png_path}" if png_path else
