@@ -35,6 +35,8 @@ def no_reduce(partial: np.ndarray) -> np.ndarray:
     return partial
 
 
+MAX_NORM_BUFFERS = 4  # step sizes whose norm buffers are kept (decode's 1 row, the last prefills)
+
 # Each layer ends its attention (after wo) and its FFN (after w2) in a sum over workers.
 SYNCS_PER_LAYER = 2
 
@@ -77,6 +79,7 @@ class SliceModel:
         self.stacked_qkv = [stack_rows([layer.wq, layer.wk, layer.wv]) for layer in weights.layers]
         self.stacked_w13 = [stack_rows([layer.w1, layer.w3]) for layer in weights.layers]
         self.blas_threads = BlasThreads()  # one busy core must not cost more than its share
+        self.norm_buffers: dict[int, np.ndarray] = {}  # step rows -> rmsnorm output (norm_buffer)
 
     def forward(self, x: np.ndarray, sequences: Sequence[StepSequence], allreduce: AllReduce = no_reduce,
                 all_logits: bool = False) -> np.ndarray:
@@ -92,9 +95,10 @@ class SliceModel:
                  all_logits: bool) -> np.ndarray:
         positions = np.concatenate([np.arange(s.start_position, s.start_position + s.n_tokens)
                                     for s in sequences])
+        x = np.array(x, dtype=np.float32)  # the residual stream, added to in place (the input may be read-only)
         for layer_index in range(self.spec.n_layers_local):  # indices into this slice's layers
-            x = x + allreduce(self.attention_partial(layer_index, x, sequences, positions))
-            x = x + allreduce(self.ffn_partial(layer_index, x))
+            x += allreduce(self.attention_partial(layer_index, x, sequences, positions))
+            x += allreduce(self.ffn_partial(layer_index, x))
         if not all_logits:
             last_rows = np.cumsum([s.n_tokens for s in sequences]) - 1
             x = x[last_rows]
@@ -106,7 +110,7 @@ class SliceModel:
         """This worker's heads' contribution to the attention output, before the sum over workers."""
         layer = self.weights.layers[layer_index]
         n_tokens, head_dim = x.shape[0], self.config.head_dim
-        h = rmsnorm(x, layer.attn_norm, self.config.norm_eps)
+        h = rmsnorm(x, layer.attn_norm, self.config.norm_eps, out=self.norm_buffer(n_tokens))
         wqkv = self.stacked_qkv[layer_index]
         if wqkv is not None:  # one product for q, k and v
             qkv = wqkv.matmul(h)
@@ -146,7 +150,7 @@ class SliceModel:
     def ffn_partial(self, layer_index: int, x: np.ndarray) -> np.ndarray:
         """SwiGLU over this worker's FFN units, before the sum over workers."""
         layer = self.weights.layers[layer_index]
-        h = rmsnorm(x, layer.ffn_norm, self.config.norm_eps)
+        h = rmsnorm(x, layer.ffn_norm, self.config.norm_eps, out=self.norm_buffer(x.shape[0]))
         w13 = self.stacked_w13[layer_index]
         if w13 is not None:  # one product for both halves of SwiGLU
             both = w13.matmul(h)
@@ -157,6 +161,16 @@ class SliceModel:
             gate = silu(self.matmul(h, layer.w1))
             gate *= self.matmul(h, layer.w3)
         return self.matmul(gate, layer.w2)
+
+    def norm_buffer(self, n_rows: int) -> np.ndarray:
+        """Where a layer's normed input goes: one array per step size, reused by every layer of
+        every step (products read it before the next norm writes it)."""
+        buffer = self.norm_buffers.get(n_rows)
+        if buffer is None:
+            if len(self.norm_buffers) >= MAX_NORM_BUFFERS:  # prefills of many lengths: keep the last few
+                self.norm_buffers.pop(next(iter(self.norm_buffers)))
+            buffer = self.norm_buffers[n_rows] = np.empty((n_rows, self.config.dim), dtype=np.float32)
+        return buffer
 
     def matmul(self, x: np.ndarray, weight: Matrix) -> np.ndarray:
         return weight.matmul(x)
