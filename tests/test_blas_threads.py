@@ -33,7 +33,7 @@ def run_steps(threads, seconds_for, n_steps):
 
 
 def test_keeps_every_core_while_they_are_faster_and_backs_off_its_tries():
-    threads = BlasThreads(most=2, libraries=[FakeBlas(2)])
+    threads = BlasThreads(most=2, libraries=[FakeBlas(2)], busy_now=False)
     used = run_steps(threads, {2: 0.025, 1: 0.040}.get, 400)
     assert threads.current == 2
     tries = [i for i, count in enumerate(used) if count == 1]
@@ -45,7 +45,7 @@ def test_keeps_every_core_while_they_are_faster_and_backs_off_its_tries():
 
 def test_moves_to_one_thread_when_a_core_is_taken_and_back_when_it_is_free():
     blas = FakeBlas(2)
-    threads = BlasThreads(most=2, libraries=[blas])
+    threads = BlasThreads(most=2, libraries=[blas], busy_now=False)
     run_steps(threads, {2: 0.025, 1: 0.040}.get, 20)
     run_steps(threads, {2: 0.300, 1: 0.045}.get, 200)  # another process took a core
     assert threads.current == 1 and blas.num_threads == 1
@@ -61,7 +61,7 @@ def test_one_core_or_no_blas_library_leaves_the_count_alone():
 
 def test_switching_is_off_when_asked(monkeypatch):
     monkeypatch.setenv("LLMTP_ADAPTIVE_THREADS", "0")
-    assert not BlasThreads(most=2, libraries=[FakeBlas(2)]).adaptive
+    assert not BlasThreads(most=2, libraries=[FakeBlas(2)], busy_now=False).adaptive
 
 
 def test_products_are_bit_identical_on_one_thread_and_on_every_core():
@@ -85,3 +85,11 @@ def test_products_are_bit_identical_on_one_thread_and_on_every_core():
         return out
 
     assert all(np.array_equal(a, b) for a, b in zip(logits(1), logits(2)))
+
+
+def test_starts_on_one_thread_when_another_process_is_running_now():
+    blas = FakeBlas(2)
+    threads = BlasThreads(most=2, libraries=[blas], busy_now=True)
+    assert threads.current == 1 and blas.num_threads == 1
+    run_steps(threads, {2: 0.025, 1: 0.040}.get, 60)  # it was only a moment: every core again
+    assert threads.current == 2

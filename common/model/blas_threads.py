@@ -23,15 +23,43 @@ import time
 from collections import deque
 from contextlib import contextmanager
 
+import numpy as np
+
 DECODE_ROWS = 8  # a step of at most this many rows is timed (prefills follow the choice)
 FIRST_PROBE_EVERY = 16  # decode steps between tries of the other count, at first and after a switch
 MAX_PROBE_EVERY = 128
 SWITCH_BELOW = 0.9  # switch when the other count's try took less than this share of the current's time
 HISTORY = 3  # the current count's time is the median of its last few steps
+WARM_UP_ROWS = 64  # rows of the product that warms the library (a prefill's shape)
+WARM_UP_MOST = 1024, 4096  # at most these inputs and outputs: a few ms, even for a 7B layer
 
 
 def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def others_running() -> int:
+    """Tasks other than this one that are running or runnable right now, machine-wide
+    (/proc/loadavg's fourth field counts this process's running thread too); 0 if unknown."""
+    try:
+        with open("/proc/loadavg") as loadavg:
+            running = int(loadavg.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return max(0, running - 1)
+
+
+def warm_up(rows: int, n_in: int, n_out: int, counts: list[int], libraries: list) -> None:
+    """One product of prefill's shape on each thread count, so the first prefill does not pay
+    for what a library does once: start its threads and fault in their packing buffers."""
+    x = np.ones((rows, n_in), dtype=np.float32)
+    weight = np.ones((n_out, n_in), dtype=np.float32)
+    for count in counts:
+        for lib in libraries:
+            lib.set_num_threads(count)
+        x @ weight.T
+    if not counts:  # the count is not ours to change: warm it as it is
+        x @ weight.T
 
 
 def blas_libraries() -> list:
@@ -46,15 +74,30 @@ def blas_libraries() -> list:
 class BlasThreads:
     """Times decode steps on `most` threads and on one, and keeps to the faster."""
 
-    def __init__(self, most: int | None = None, libraries: list | None = None):
+    def __init__(self, most: int | None = None, libraries: list | None = None, busy_now: bool | None = None):
+        """busy_now: whether another process runs now (None: look, others_running())."""
         self.libraries = blas_libraries() if libraries is None else libraries
         configured = min((lib.num_threads for lib in self.libraries), default=1)
         # The environment's count (OPENBLAS_NUM_THREADS, a worker's --threads) is the ceiling.
         self.most = max(1, min(most or usable_cores(), configured))
+        # Start where the machine is now: with another process running, one thread (the first
+        # prefill is otherwise the slowest step of all, before any try could move it).
         self.current = self.most
+        if self.adaptive and (others_running() >= 1 if busy_now is None else busy_now):
+            self.current = 1
+            self.set_threads(1)
         self.times = {count: deque(maxlen=HISTORY) for count in {1, self.most}}
         self.probe_every = HISTORY  # the first try comes as soon as the current count has a median
         self.steps_since_probe = 0
+
+    def warm_up(self, n_in: int, n_out: int) -> None:
+        """The library warmed on every count a step may use, then left on the current one."""
+        n_in, n_out = min(n_in, WARM_UP_MOST[0]), min(n_out, WARM_UP_MOST[1])
+        if not self.adaptive:
+            warm_up(WARM_UP_ROWS, n_in, n_out, [], [])
+            return
+        warm_up(WARM_UP_ROWS, n_in, n_out, sorted({1, self.most}), self.libraries)
+        self.set_threads(self.current)
 
     @property
     def adaptive(self) -> bool:

@@ -79,6 +79,7 @@ class SliceModel:
         self.stacked_qkv = [stack_rows([layer.wq, layer.wk, layer.wv]) for layer in weights.layers]
         self.stacked_w13 = [stack_rows([layer.w1, layer.w3]) for layer in weights.layers]
         self.blas_threads = BlasThreads()  # one busy core must not cost more than its share
+        self.blas_threads.warm_up(config.dim, max(config.dim, config.hidden_dim))  # the first prefill as the later ones
         self.norm_buffers: dict[int, np.ndarray] = {}  # step rows -> rmsnorm output (norm_buffer)
 
     def forward(self, x: np.ndarray, sequences: Sequence[StepSequence], allreduce: AllReduce = no_reduce,
