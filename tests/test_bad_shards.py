@@ -125,3 +125,16 @@ def test_flipped_bit_in_the_embedding_is_refused_by_the_coordinator(tmp_path):
         file.write(bytes([byte[0] ^ 0x01]))
     result = run_llmtp("generate", checkpoint, "-n", 4, "-t", 0, "--workers", 1, env_extra=cache)
     assert_one_line_error(result, "embedding.bin", "sha256")
+
+
+def test_verifying_a_large_file_shows_progress(shard_folder, tmp_path, monkeypatch, capsys):
+    from llmtp.common.formats import verification
+    monkeypatch.setattr(verification, "SHOW_PROGRESS_FROM", 1)
+    monkeypatch.setattr(verification, "HASH_SLICE", 4096)
+    copy = tmp_path / "copy"
+    shutil.copytree(shard_folder, copy)
+    entry = load_manifest(copy).shards[1]
+    shard = load_shard(copy / entry.file)
+    assert verify_mapped(shard.path, shard.mapping, entry.n_bytes, entry.sha256)
+    err = capsys.readouterr().err
+    assert f"verifying {entry.file}" in err and "100%" in err
