@@ -93,3 +93,21 @@ def test_starts_on_one_thread_when_another_process_is_running_now():
     assert threads.current == 1 and blas.num_threads == 1
     run_steps(threads, {2: 0.025, 1: 0.040}.get, 60)  # it was only a moment: every core again
     assert threads.current == 2
+
+
+def test_a_prefill_runs_on_one_thread_while_another_process_runs(monkeypatch):
+    blas = FakeBlas(2)
+    threads = BlasThreads(most=2, libraries=[blas], busy_now=False)
+    monkeypatch.setattr(blas_threads, "others_running", lambda: 1)
+    with threads.step(128):
+        assert blas.num_threads == 1
+    assert blas.num_threads == 2 and threads.current == 2  # the decode's choice is kept
+    monkeypatch.setattr(blas_threads, "others_running", lambda: 0)
+    with threads.step(128):
+        assert blas.num_threads == 2
+    assert threads.steps_since_probe == 0  # prefills are not timed
+
+
+def test_own_running_threads_counts_at_least_the_caller():
+    assert blas_threads.own_running_threads() >= 1
+    assert blas_threads.others_running() >= 0

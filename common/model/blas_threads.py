@@ -8,7 +8,10 @@ back every product and the spinning crowds out the rest: a 110M decode fell from
 contention"). No fixed count is right on a shared machine, so this measures: decode-shaped
 steps run on the count that has been fastest lately, and now and then one step tries the
 other (1 or every usable core). A try that loses backs the next one off (up to every
-MAX_PROBE_EVERY steps), so a quiet or a steadily busy machine pays little for it.
+MAX_PROBE_EVERY steps), so a quiet or a steadily busy machine pays little for it. A prefill
+(too long to try twice) runs on one thread whenever another process is running as it
+starts, and so does the first step: the bench's contended prefill fell to 0.32x of its
+quiet speed on the decode's two threads.
 
 Products give the same numbers on any thread count (OpenBLAS splits a product's rows and
 columns among threads, never a dot product's sum), so switching never changes a token.
@@ -39,14 +42,30 @@ def usable_cores() -> int:
 
 
 def others_running() -> int:
-    """Tasks other than this one that are running or runnable right now, machine-wide
-    (/proc/loadavg's fourth field counts this process's running thread too); 0 if unknown."""
+    """Tasks of other processes that are running or runnable right now, machine-wide:
+    /proc/loadavg's fourth field, less this process's own running threads (the reader, and
+    OpenBLAS threads still spinning after a product); 0 if unknown."""
     try:
         with open("/proc/loadavg") as loadavg:
             running = int(loadavg.read().split()[3].split("/")[0])
     except (OSError, ValueError, IndexError):
         return 0
-    return max(0, running - 1)
+    return max(0, running - own_running_threads())
+
+
+def own_running_threads() -> int:
+    count = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 1
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/stat") as stat:
+                count += stat.read().rsplit(")", 1)[1].split()[0] == "R"  # the state follows the name
+        except (OSError, IndexError):
+            pass
+    return max(1, count)
 
 
 def warm_up(rows: int, n_in: int, n_out: int, counts: list[int], libraries: list) -> None:
@@ -110,8 +129,18 @@ class BlasThreads:
     @contextmanager
     def step(self, n_rows: int):
         """Around one step: a decode-shaped one is timed, and may be a try of the other count."""
-        if not self.adaptive or n_rows > DECODE_ROWS:
+        if not self.adaptive:
             yield
+            return
+        if n_rows > DECODE_ROWS:  # a prefill is not timed; it runs on one thread if anything else runs now
+            count = 1 if self.current == 1 or others_running() >= 1 else self.most
+            if count != self.current:
+                self.set_threads(count)
+            try:
+                yield
+            finally:
+                if count != self.current:
+                    self.set_threads(self.current)
             return
         other = 1 if self.current == self.most else self.most
         probing = self.steps_since_probe >= self.probe_every
