@@ -303,6 +303,7 @@ def open_local_engine(shard_folder: Path, n_workers: int, n_slots: int = 1, time
     from llmtp.common.model.memory import with_context
     manifest = load_manifest(shard_folder)
     config = with_context(manifest.config, context, str(shard_folder))
+    embedding = load_embedding(manifest)  # verified before any worker or run folder exists
     from .run_folders import make_run_folder
     run_folder = make_run_folder()
     try:
@@ -311,7 +312,7 @@ def open_local_engine(shard_folder: Path, n_workers: int, n_slots: int = 1, time
     except BaseException:
         shutil.rmtree(run_folder, ignore_errors=True)
         raise
-    return LocalClusterEngine(config, load_embedding(shard_folder), [w.endpoint for w in started],
+    return LocalClusterEngine(config, embedding, [w.endpoint for w in started],
                               manifest.source_sha256, n_slots=n_slots, timeout=timeout,
                               processes=[w.process for w in started], shard_folder=shard_folder,
                               run_folder=run_folder, secret=cluster_secret(run_folder),

@@ -50,3 +50,16 @@ def test_rounds_keep_each_engines_best_decode_with_its_time_split_and_best_prefi
     assert (kept.prefill_tokens_per_s, kept.decode_tokens_per_s, kept.math_ms) == (500, 25, 35.0)
     kept = best_of(kept, result(600, 22, 30.0))
     assert (kept.prefill_tokens_per_s, kept.decode_tokens_per_s, kept.math_ms) == (600, 25, 35.0)
+
+
+def test_contended_bench_times_every_row_again_beside_a_busy_core(tmp_path):
+    config = make_config(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=80, seq_len=64)
+    checkpoint = write_random_checkpoint(tmp_path / "tiny.bin", config, seed=2)
+    result = run_llmtp("bench", checkpoint, "-w", "1", "--prompt-tokens", 8, "--decode-tokens", 4,
+                       "--probe-mib", 16, "--rounds", 1, "--contended", "-o", tmp_path / "out", timeout=180)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "bench-tiny.json").read_text())
+    engines = [r["engine"] for r in report["results"]]
+    assert engines == ["in-process", "1 worker", "in-process, 1 core busy", "1 worker, 1 core busy"]
+    assert "in-process, 1 core busy / quiet: decode" in result.stdout
+    assert "1 worker, 1 core busy / quiet: decode" in result.stdout

@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="BLAS threads (default: all cores)")
     parser.add_argument("--cpus", help="pin this worker (and its BLAS threads) to these cores, e.g. 0,1")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
-                        help="skip checking the shard's sha256 against the manifest.json beside it")
+                        help="run the shard unchecked: skip its sha256 check against the manifest.json "
+                             "beside it, or serve one that has no manifest.json (refused otherwise)")
     parser.add_argument("--context", type=int, metavar="N",
                         help="positions of context to hold (default: the model's seq_len; fewer need less memory)")
     parser.add_argument("--timeout", type=float,

@@ -25,17 +25,22 @@ def die_with_parent() -> None:
 
 
 def verify_against_manifest(shard: Shard) -> None:
-    """A shard beside a manifest.json must match its recorded size and sha256 (a corrupted or
-    truncated copy fails here, with one line, instead of computing nonsense)."""
-    from llmtp.common.formats.manifest import MANIFEST_NAME, load_manifest, verify_shard
+    """A shard must match the size and sha256 that the manifest.json beside it records (a
+    corrupted or truncated copy fails here, with one line, instead of computing nonsense);
+    a shard without one is refused (--no-verify runs it unchecked). Hashing goes through the
+    shard's map, so it is also the read that faults it in (common/formats/verification.py)."""
+    from llmtp.common.formats.manifest import MANIFEST_NAME, load_manifest
+    from llmtp.common.formats.verification import verify_mapped
     manifest_path = shard.path.parent / MANIFEST_NAME
     if not manifest_path.exists():
-        return
+        raise FormatError(f"{shard.path}: no {MANIFEST_NAME} beside it to check the shard against "
+                          f"(copy it from the folder `llmtp shard` wrote, or give --no-verify to run it unchecked)")
     manifest = load_manifest(manifest_path)
-    if manifest.shards[shard.spec.index].file != shard.path.name:
-        raise FormatError(f"{shard.path}: {manifest_path} lists shard {shard.spec.index} as "
-                          f"{manifest.shards[shard.spec.index].file}")
-    verify_shard(manifest, shard.spec.index)
+    if manifest.n_workers != shard.spec.count or manifest.shards[shard.spec.index].file != shard.path.name:
+        raise FormatError(f"{shard.path}: {manifest_path} does not list it as shard {shard.spec.index} "
+                          f"of {shard.spec.count}")
+    entry = manifest.shards[shard.spec.index]
+    verify_mapped(shard.path, shard.mapping, entry.n_bytes, entry.sha256)
 
 
 def run_worker(shard_path: str, options: WorkerOptions) -> int:
@@ -46,11 +51,13 @@ def run_worker(shard_path: str, options: WorkerOptions) -> int:
         if os.getppid() != options.parent_pid:
             return 0
     shard = load_shard(shard_path)
-    note = settle_on_huge_pages(shard.mapping, shard.path)  # before verifying, so one disk read serves both
-    if note:
-        print(f"llmtp worker {shard.spec.index}/{shard.spec.count}: {note}", file=sys.stderr, flush=True)
     if options.verify:
         verify_against_manifest(shard)
+    # After hashing (which faulted the map in), this reads nothing more unless the file sat on
+    # small pages; a stamped file is faulted in here.
+    note = settle_on_huge_pages(shard.mapping, shard.path)
+    if note:
+        print(f"llmtp worker {shard.spec.index}/{shard.spec.count}: {note}", file=sys.stderr, flush=True)
     if options.context is not None:  # the KV cache, RoPE table and message bounds follow seq_len
         from llmtp.common.model.memory import with_context
         shard = dataclasses.replace(shard, config=with_context(shard.config, options.context, str(shard.path)))

@@ -21,7 +21,7 @@ from llmtp.common.model.split import SliceSpec
 
 MANIFEST_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-HASH_CHUNK = 1 << 20
+HASH_CHUNK = 16 << 20
 
 CONFIG_FIELDS = tuple(field.name for field in dataclasses.fields(ModelConfig))
 # Exact types: msgpack/JSON give int, float and bool apart, and True must not pass as 1.
@@ -252,11 +252,21 @@ def verify_embedding(manifest: Manifest) -> None:
 
 
 def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """Hashed through a map advised onto 2 MiB pages rather than read(): a file first read by
+    read() sits in the page cache in small folios, and the next process to map it for weights
+    would reload it (common/formats/mapping.py)."""
+    from .mapping import map_readonly
+    if os.path.getsize(path) == 0:
+        return hashlib.sha256().hexdigest()
+    mapping = map_readonly(path)
+    try:
+        digest = hashlib.sha256()
+        with memoryview(mapping) as view:
+            for start in range(0, len(view), HASH_CHUNK):
+                digest.update(view[start:start + HASH_CHUNK])
+        return digest.hexdigest()
+    finally:
+        mapping.close()
 
 
 def sha256_model(path: str | Path) -> str:

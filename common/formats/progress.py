@@ -1,4 +1,4 @@
-"""A progress bar for writers of large files (shards): on a terminal, or a line per quarter in a log."""
+"""A progress bar for large files written (shards) or read (verified): on a terminal, or a line per quarter in a log."""
 
 import sys
 
@@ -10,9 +10,11 @@ class Progress:
     WIDTH = 30
     LOG_STEP = 25  # percent
 
-    def __init__(self, total_bytes: int, enabled: bool, min_bytes: int):
-        """Shown on a terminal, or in a log when more than `min_bytes` are written."""
+    def __init__(self, total_bytes: int, enabled: bool, min_bytes: int, log_line: str = "shard: {percent}% written ({label})"):
+        """Shown on a terminal, or in a log when more than `min_bytes` are written (or read:
+        `log_line` says which, with {percent} and {label} filled in)."""
         self.min_bytes = min_bytes
+        self.log_line = log_line
         self.total = max(total_bytes, 1)
         self.terminal = sys.stderr.isatty()
         self.enabled = enabled and (self.terminal or total_bytes > self.min_bytes)
@@ -29,7 +31,7 @@ class Progress:
             filled = percent * self.WIDTH // 100
             sys.stderr.write(f"\r[{'#' * filled}{'.' * (self.WIDTH - filled)}] {percent:3d}% {self.label}")
         else:
-            sys.stderr.write(f"shard: {percent}% written ({self.label})\n")
+            sys.stderr.write(self.log_line.format(percent=percent, label=self.label) + "\n")
         sys.stderr.flush()
         self.shown = seen
 

@@ -37,6 +37,7 @@ from llmtp.common.model.config import ModelConfig
 from llmtp.common.errors import FormatError
 from .mapping import map_readonly
 from .progress import Progress
+from .verification import verify_mapped
 from .manifest import (SHA256_PATTERN, FileEntry, Manifest, ShardEntry, config_from_dict, group_size_from, is_count,
                        load_manifest, manifest_dict, sha256_file, sha256_model, spec_from_dict, write_manifest)
 from llmtp.common.model.matrices import MATRIX_TYPES, Encoding, F32Matrix, Matrix
@@ -361,12 +362,15 @@ def load_shard(path: str | Path) -> Shard:
                  group_size=group_size, n_bytes=n_bytes, mapping=mapping)
 
 
-def load_embedding(manifest: Manifest | str | Path) -> Matrix:
-    """The token embedding table, memory-mapped, as a Matrix of the file's storage type."""
+def load_embedding(manifest: Manifest | str | Path, verify: bool = True) -> Matrix:
+    """The token embedding table, memory-mapped, as a Matrix of the file's storage type;
+    checked against the manifest's sha256 first (common/formats/verification.py)."""
     if not isinstance(manifest, Manifest):
         manifest = load_manifest(manifest)
     path = manifest.embedding_path
-    header, arrays, n_bytes, _ = _read_tensor_file(path)
+    header, arrays, n_bytes, mapping = _read_tensor_file(path)
+    if verify:
+        verify_mapped(path, mapping, manifest.embedding.n_bytes, manifest.embedding.sha256)
     _check_kind(path, header, "embedding")
     if n_bytes != manifest.embedding.n_bytes:
         raise FormatError(f"{path}: file is {n_bytes} bytes, manifest says {manifest.embedding.n_bytes}")

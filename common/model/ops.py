@@ -7,11 +7,21 @@ use T for tokens in the step, H for heads, D for head_dim.
 import numpy as np
 
 
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray | None = None) -> np.ndarray:
+    """x: (T, dim) -> weight * x / sqrt(mean(x^2) + eps), row by row, into `out` if given.
 
-def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x: (T, dim) -> weight * x / sqrt(mean(x^2) + eps), row by row."""
-    mean_square = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)
-    return weight * (x * (1.0 / np.sqrt(mean_square + np.float32(eps))))
+    The same numbers as np.mean's (the same pairwise float32 sum, then one float32 division
+    by dim) in plain ufunc calls: np.mean's Python layers cost more than its arithmetic at
+    decode's one row (3 ms of a 60 ms 110M step)."""
+    square = np.multiply(x, x, out=out)
+    mean_square = np.add.reduce(square, axis=-1, keepdims=True)
+    mean_square /= np.float32(x.shape[-1])
+    mean_square += np.float32(eps)
+    np.sqrt(mean_square, out=mean_square)
+    inverse_rms = np.divide(np.float32(1.0), mean_square, out=mean_square)
+    normed = np.multiply(x, inverse_rms, out=square)
+    normed *= weight
+    return normed
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -42,9 +52,9 @@ def apply_rope(x: np.ndarray, rotations: np.ndarray) -> np.ndarray:
 
 def softmax(x: np.ndarray, axis: int = -1, out: np.ndarray | None = None) -> np.ndarray:
     """exp(x - max) / sum, as run.c; out=x works in place (prefill's scores are large)."""
-    out = np.subtract(x, np.max(x, axis=axis, keepdims=True), out=out)
+    out = np.subtract(x, np.maximum.reduce(x, axis=axis, keepdims=True), out=out)  # np.max's, without its wrapper
     np.exp(out, out=out)
-    out /= np.sum(out, axis=axis, keepdims=True)
+    out /= np.add.reduce(out, axis=axis, keepdims=True)
     return out
 
 

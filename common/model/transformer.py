@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .blas_threads import BlasThreads
 from .config import ModelConfig
 from llmtp.common.errors import ProtocolError
 from .matrices import Matrix, stack_rows
@@ -33,6 +34,8 @@ class StepSequence:
 def no_reduce(partial: np.ndarray) -> np.ndarray:
     return partial
 
+
+MAX_NORM_BUFFERS = 4  # step sizes whose norm buffers are kept (decode's 1 row, the last prefills)
 
 # Each layer ends its attention (after wo) and its FFN (after w2) in a sum over workers.
 SYNCS_PER_LAYER = 2
@@ -75,6 +78,9 @@ class SliceModel:
         # q, k, v and then w1, w3 as one product each where their storage lies back to back
         self.stacked_qkv = [stack_rows([layer.wq, layer.wk, layer.wv]) for layer in weights.layers]
         self.stacked_w13 = [stack_rows([layer.w1, layer.w3]) for layer in weights.layers]
+        self.blas_threads = BlasThreads()  # one busy core must not cost more than its share
+        self.blas_threads.warm_up(config.dim, max(config.dim, config.hidden_dim))  # the first prefill as the later ones
+        self.norm_buffers: dict[int, np.ndarray] = {}  # step rows -> rmsnorm output (norm_buffer)
 
     def forward(self, x: np.ndarray, sequences: Sequence[StepSequence], allreduce: AllReduce = no_reduce,
                 all_logits: bool = False) -> np.ndarray:
@@ -83,11 +89,17 @@ class SliceModel:
         Returns this worker's logits slice, (n_sequences, vocab_local) for each
         sequence's last token, or (T, vocab_local) with all_logits."""
         self.check_sequences(sequences, x.shape[0])
+        with self.blas_threads.step(x.shape[0]):
+            return self._forward(x, sequences, allreduce, all_logits)
+
+    def _forward(self, x: np.ndarray, sequences: Sequence[StepSequence], allreduce: AllReduce,
+                 all_logits: bool) -> np.ndarray:
         positions = np.concatenate([np.arange(s.start_position, s.start_position + s.n_tokens)
                                     for s in sequences])
+        x = np.array(x, dtype=np.float32)  # the residual stream, added to in place (the input may be read-only)
         for layer_index in range(self.spec.n_layers_local):  # indices into this slice's layers
-            x = x + allreduce(self.attention_partial(layer_index, x, sequences, positions))
-            x = x + allreduce(self.ffn_partial(layer_index, x))
+            x += allreduce(self.attention_partial(layer_index, x, sequences, positions))
+            x += allreduce(self.ffn_partial(layer_index, x))
         if not all_logits:
             last_rows = np.cumsum([s.n_tokens for s in sequences]) - 1
             x = x[last_rows]
@@ -99,7 +111,7 @@ class SliceModel:
         """This worker's heads' contribution to the attention output, before the sum over workers."""
         layer = self.weights.layers[layer_index]
         n_tokens, head_dim = x.shape[0], self.config.head_dim
-        h = rmsnorm(x, layer.attn_norm, self.config.norm_eps)
+        h = rmsnorm(x, layer.attn_norm, self.config.norm_eps, out=self.norm_buffer(n_tokens))
         wqkv = self.stacked_qkv[layer_index]
         if wqkv is not None:  # one product for q, k and v
             qkv = wqkv.matmul(h)
@@ -139,7 +151,7 @@ class SliceModel:
     def ffn_partial(self, layer_index: int, x: np.ndarray) -> np.ndarray:
         """SwiGLU over this worker's FFN units, before the sum over workers."""
         layer = self.weights.layers[layer_index]
-        h = rmsnorm(x, layer.ffn_norm, self.config.norm_eps)
+        h = rmsnorm(x, layer.ffn_norm, self.config.norm_eps, out=self.norm_buffer(x.shape[0]))
         w13 = self.stacked_w13[layer_index]
         if w13 is not None:  # one product for both halves of SwiGLU
             both = w13.matmul(h)
@@ -150,6 +162,16 @@ class SliceModel:
             gate = silu(self.matmul(h, layer.w1))
             gate *= self.matmul(h, layer.w3)
         return self.matmul(gate, layer.w2)
+
+    def norm_buffer(self, n_rows: int) -> np.ndarray:
+        """Where a layer's normed input goes: one array per step size, reused by every layer of
+        every step (products read it before the next norm writes it)."""
+        buffer = self.norm_buffers.get(n_rows)
+        if buffer is None:
+            if len(self.norm_buffers) >= MAX_NORM_BUFFERS:  # prefills of many lengths: keep the last few
+                self.norm_buffers.pop(next(iter(self.norm_buffers)))
+            buffer = self.norm_buffers[n_rows] = np.empty((n_rows, self.config.dim), dtype=np.float32)
+        return buffer
 
     def matmul(self, x: np.ndarray, weight: Matrix) -> np.ndarray:
         return weight.matmul(x)

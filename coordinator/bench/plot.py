@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .contention import is_contended
 from .hf import HF_LABEL
 from .results import BenchReport
 
@@ -18,7 +19,7 @@ def plot_report(report: BenchReport, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    ours = [r for r in report.results if r.engine != HF_LABEL]
+    ours = [r for r in report.results if r.engine != HF_LABEL and not is_contended(r)]  # quiet rows
     labels = [r.engine for r in ours]
     figure, (speed, split) = plt.subplots(1, 2, figsize=(12, 4.5))
     workers = sorted((r for r in ours if r.n_workers > 0), key=lambda r: r.n_workers)

@@ -4,6 +4,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from .contention import contention_lines, is_contended
 from .plot import plot_report
 from .results import BenchReport, EngineResult, MachineLimits
 
@@ -35,7 +36,7 @@ def format_report(report: BenchReport) -> str:
                      f"{report.bandwidth_limit_tokens_per_s(r.cores):>8.1f}{100 * report.share_of_limit(r):>10.0f}%"
                      f"{r.decode_step_ms:>9.2f}{r.math_ms:>8.2f}{r.sync_wait_ms:>8.2f}{r.coordinator_ms:>8.2f}"
                      f"{per_sync:>12}{ratio:>9}{overhead:>26}")
-    lines += scaling_lines(report)
+    lines += scaling_lines(report) + contention_lines(report)
     if report.gemm_gflops:
         config = report.config
         kernels = ", ".join(f"{library} {format_rate(gflops)} GFLOPS"
@@ -49,7 +50,7 @@ def format_report(report: BenchReport) -> str:
 
 def scaling_lines(report: BenchReport) -> list[str]:
     """Each worker count's decode speed against one worker's, beside the same ratio of limits."""
-    workers = {r.n_workers: r for r in report.results if r.n_workers > 0}
+    workers = {r.n_workers: r for r in report.results if r.n_workers > 0 and not is_contended(r)}
     if 1 not in workers or len(workers) < 2:
         return []
     one = workers[1]

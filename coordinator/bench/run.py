@@ -8,6 +8,7 @@ from pathlib import Path
 
 from llmtp.common.errors import ConfigError
 
+from .contention import time_while_busy
 from .hf import HFModel
 from .limits import measure_bandwidth, measure_gemm_gflops, measure_zmq_round_trip
 from .results import BenchReport, EngineResult, MachineLimits, best_of, weight_bytes_per_token
@@ -16,13 +17,15 @@ from .timing import time_engine
 
 def run_bench(model: str, checkpoint_path: Path, worker_counts: list[int], prompt_tokens: int,
               decode_tokens: int, reduce: str | None, compare_hf: bool, in_process: bool = True,
-              probe_mib: int = 1024, cores_per_worker: int | None = 1, rounds: int = 3) -> BenchReport:
+              probe_mib: int = 1024, cores_per_worker: int | None = 1, rounds: int = 3,
+              contended: bool = False) -> BenchReport:
     """cores_per_worker: pin each worker to that many cores (BLAS threads), so N workers use
     N x that many cores and the limit of each row is what those cores stream; None shares
     every core among the workers (as `generate --workers` does). A worker count that does
     not fit the cores falls back to sharing.
 
-    Every engine stays open for `rounds` rounds; each reports its best."""
+    Every engine stays open for `rounds` rounds; each reports its best. contended: each round
+    also times every engine while a busy process holds a core (contention.py)."""
     from llmtp.common.formats.checkpoint import load_checkpoint
 
     from ..local_cluster import ensure_shards, open_local_engine, usable_cpus
@@ -62,8 +65,12 @@ def run_bench(model: str, checkpoint_path: Path, worker_counts: list[int], promp
                   + ", ".join(label for label, *_ in engines) + (", transformers" if hf else ""), file=sys.stderr)
             for n in core_counts:
                 bandwidth_gbs[n] = max(bandwidth_gbs[n], measure_bandwidth(n, probe_mib))
-            timings = [time_engine(engine, config, prompt_tokens, decode_tokens, n, used, label)
-                       for label, n, used, engine in engines]
+            def time_rows(label_of=lambda label: label):
+                return [time_engine(engine, config, prompt_tokens, decode_tokens, n, used, label_of(label))
+                        for label, n, used, engine in engines]
+            timings = time_rows()
+            if contended:  # the same engines again, a busy process holding one core
+                timings += time_while_busy(time_rows)
             if hf:
                 timings.append(hf.time(prompt_tokens, decode_tokens))
             for timing in timings:

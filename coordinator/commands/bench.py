@@ -30,6 +30,7 @@ def register(subparsers) -> None:
                             "(default 1; 0 = share all cores, as generate does)")
     bench.add_argument("--serve", nargs="?", const="0,2", metavar="WORKERS", help="instead: serve's aggregate "
                        "decode at 1, 4 and 8 streams on these worker counts (default 0,2; 0 = in-process)")
+    bench.add_argument("--contended", action="store_true", help="also time every row while a busy process holds one core")
     bench.set_defaults(handler=run)
 
 
@@ -54,7 +55,8 @@ def run(args) -> int:
         return run_from_args(args, model, path)
     report = bench.run_bench(model, path, worker_counts, args.prompt_tokens, args.decode_tokens, args.reduce,
                              args.compare_hf, probe_mib=args.probe_mib,
-                             cores_per_worker=args.cores_per_worker or None, rounds=args.rounds)
+                             cores_per_worker=args.cores_per_worker or None, rounds=args.rounds,
+                             contended=args.contended)
     print(bench.format_report(report))
     json_path, png_path = bench.save_report(report, Path(args.out))
     print(f"\nwrote {json_path}" + (f" and {png_path}" if png_path else

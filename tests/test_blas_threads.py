@@ -1,0 +1,113 @@
+"""The BLAS thread count follows the steps' times, and never changes a number."""
+
+import numpy as np
+import pytest
+
+from llmtp.common.model import blas_threads
+from llmtp.common.model.blas_threads import FIRST_PROBE_EVERY, HISTORY, BlasThreads
+
+
+class FakeBlas:
+    """Stands in for a threadpoolctl controller: remembers what it was set to."""
+
+    def __init__(self, num_threads):
+        self.num_threads = num_threads
+        self.settings = []
+
+    def set_num_threads(self, count):
+        self.num_threads = count
+        self.settings.append(count)
+
+
+def run_steps(threads, seconds_for, n_steps):
+    """n_steps decode steps that 'take' seconds_for(thread count) each; returns the counts used."""
+    used = []
+    for _ in range(n_steps):
+        count = threads.current
+        probing = threads.steps_since_probe >= threads.probe_every
+        if probing:
+            count = 1 if threads.current == threads.most else threads.most
+        threads.record(count, seconds_for(count), probing)
+        used.append(count)
+    return used
+
+
+def test_keeps_every_core_while_they_are_faster_and_backs_off_its_tries():
+    threads = BlasThreads(most=2, libraries=[FakeBlas(2)], busy_now=False)
+    used = run_steps(threads, {2: 0.025, 1: 0.040}.get, 400)
+    assert threads.current == 2
+    tries = [i for i, count in enumerate(used) if count == 1]
+    assert tries[0] == HISTORY  # tried as soon as there was a median to beat
+    gaps = np.diff(tries)
+    assert gaps[0] == FIRST_PROBE_EVERY + 1 and gaps[-1] > gaps[0]  # losing tries come ever less often
+    assert len(tries) < 10
+
+
+def test_moves_to_one_thread_when_a_core_is_taken_and_back_when_it_is_free():
+    blas = FakeBlas(2)
+    threads = BlasThreads(most=2, libraries=[blas], busy_now=False)
+    run_steps(threads, {2: 0.025, 1: 0.040}.get, 20)
+    run_steps(threads, {2: 0.300, 1: 0.045}.get, 200)  # another process took a core
+    assert threads.current == 1 and blas.num_threads == 1
+    run_steps(threads, {2: 0.025, 1: 0.040}.get, 400)  # and let it go
+    assert threads.current == 2 and blas.num_threads == 2
+
+
+def test_one_core_or_no_blas_library_leaves_the_count_alone():
+    assert not BlasThreads(most=1, libraries=[FakeBlas(1)]).adaptive
+    assert not BlasThreads(most=2, libraries=[]).adaptive
+    assert BlasThreads(most=4, libraries=[FakeBlas(2)]).most == 2  # the environment's count is the ceiling
+
+
+def test_switching_is_off_when_asked(monkeypatch):
+    monkeypatch.setenv("LLMTP_ADAPTIVE_THREADS", "0")
+    assert not BlasThreads(most=2, libraries=[FakeBlas(2)], busy_now=False).adaptive
+
+
+def test_products_are_bit_identical_on_one_thread_and_on_every_core():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    if blas_threads.usable_cores() < 2:
+        pytest.skip("one usable core: nothing to compare")
+    from model_factory import make_config
+    from llmtp.common.model.random_weights import random_weights
+    from llmtp.common.model.split import full_slice
+    from llmtp.common.model.transformer import SliceModel, StepSequence
+    config = make_config(dim=256, hidden_dim=640, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=500, seq_len=64)
+    weights = random_weights(config, seed=3)
+    x = weights.embed(np.arange(1, 30))
+
+    def logits(count):
+        model = SliceModel(config, full_slice(config), weights.as_shard())
+        with threadpoolctl.threadpool_limits(count, user_api="blas"):
+            model.blas_threads.libraries = []  # hold the count this test set
+            out = [model.forward(x[:20], [StepSequence(0, 0, 20)], all_logits=True)]
+            out += [model.forward(x[p:p + 1], [StepSequence(0, p, 1)]) for p in range(20, 29)]
+        return out
+
+    assert all(np.array_equal(a, b) for a, b in zip(logits(1), logits(2)))
+
+
+def test_starts_on_one_thread_when_another_process_is_running_now():
+    blas = FakeBlas(2)
+    threads = BlasThreads(most=2, libraries=[blas], busy_now=True)
+    assert threads.current == 1 and blas.num_threads == 1
+    run_steps(threads, {2: 0.025, 1: 0.040}.get, 60)  # it was only a moment: every core again
+    assert threads.current == 2
+
+
+def test_a_prefill_runs_on_one_thread_while_another_process_runs(monkeypatch):
+    blas = FakeBlas(2)
+    threads = BlasThreads(most=2, libraries=[blas], busy_now=False)
+    monkeypatch.setattr(blas_threads, "others_running", lambda: 1)
+    with threads.step(128):
+        assert blas.num_threads == 1
+    assert blas.num_threads == 2 and threads.current == 2  # the decode's choice is kept
+    monkeypatch.setattr(blas_threads, "others_running", lambda: 0)
+    with threads.step(128):
+        assert blas.num_threads == 2
+    assert threads.steps_since_probe == 0  # prefills are not timed
+
+
+def test_own_running_threads_counts_at_least_the_caller():
+    assert blas_threads.own_running_threads() >= 1
+    assert blas_threads.others_running() >= 0
