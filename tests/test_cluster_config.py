@@ -62,7 +62,7 @@ def test_every_field_given(tmp_path):
 
 # (edit of VALID, field path named in the error, words of what is allowed)
 BAD_FIELDS = {
-    "model missing": (lambda d: d.pop("model"), "model", "missing; expected a file path"),
+    "model missing": (lambda d: d.pop("model"), "model", "missing; expected a path (llama2.c or GGUF file, Hugging Face folder)"),
     "model not a string": (lambda d: d.update(model=3), "model", "expected a path"),
     "unknown top-level field": (lambda d: d.update(modle="x"), "modle",
                                 "unknown field; allowed: model, tokenizer, shards, coordinator, workers"),
