@@ -7,8 +7,10 @@ product and one float multiply-add. Nothing expands W to float32.
 Backends, chosen once at import: "avx2" (C, AVX2+FMA+F16C, when the CPU has them),
 "portable" (C, plain loops), "numpy" (fallback.py, when the C extension did not build or
 load; said once on stderr). LLMTP_KERNELS=portable or =numpy forces a slower one;
-use_backend() switches at run time (tests). n_threads: default 1, since a worker is one
-process per core; n > 1 splits rows over n pthreads created and joined per product.
+use_backend() switches at run time (tests). n_threads: default 1; n > 1 splits rows over n
+pthreads created and joined per product. The Matrix types pass default_threads(), the
+count BLAS is given in this process, so a quantized model uses the cores its float32 twin
+would (a worker gets its share through OPENBLAS_NUM_THREADS, see local_cluster.py).
 """
 
 import os
@@ -74,6 +76,25 @@ def use_backend(name: str) -> str:
         raise ValueError(f"kernel backend {name!r} not available here (available: {', '.join(available_backends())})")
     previous, _backend = _backend, name
     return previous
+
+
+_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+_threads: int | None = None
+
+
+def default_threads() -> int:
+    """Threads per product: the BLAS thread count of this process's environment, else its
+    usable cores (what OpenBLAS itself would start). Read once."""
+    global _threads
+    if _threads is None:
+        for name in _THREAD_VARIABLES:
+            value = os.environ.get(name, "").strip()
+            if value.isdigit() and int(value) > 0:
+                _threads = int(value)
+                break
+        else:
+            _threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return _threads
 
 
 def _activations(x: np.ndarray, cols: int) -> np.ndarray:
@@ -148,4 +169,4 @@ def matmul_llama2c_q8(values: np.ndarray, scales: np.ndarray, group_size: int, x
 
 
 __all__ = ["matmul_q8_0", "matmul_q4_0", "matmul_q4_1", "matmul_llama2c_q8", "backend", "backend_info",
-           "use_backend", "available_backends", "row_bytes", "QK", "BLOCK_BYTES"]
+           "use_backend", "available_backends", "default_threads", "row_bytes", "QK", "BLOCK_BYTES"]
