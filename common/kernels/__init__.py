@@ -128,6 +128,14 @@ def _matmul_gguf(fmt: str, blocks: np.ndarray, x: np.ndarray, out, n_threads: in
     return out
 
 
+def matmul_gguf(fmt: str, blocks: np.ndarray, x: np.ndarray, out: np.ndarray | None = None,
+                n_threads: int = 1) -> np.ndarray:
+    """`fmt` one of "q8_0", "q4_0", "q4_1": the product of matmul_q8_0 / _q4_0 / _q4_1."""
+    if fmt not in BLOCK_BYTES:
+        raise ValueError(f"unknown block format {fmt!r} (known: {', '.join(BLOCK_BYTES)})")
+    return _matmul_gguf(fmt, blocks, x, out, n_threads)
+
+
 def matmul_q8_0(blocks: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, n_threads: int = 1) -> np.ndarray:
     """GGUF Q8_0 blocks (rows, cols/32*34) uint8, x (T, cols) or (cols,) -> (T, rows) float32."""
     return _matmul_gguf("q8_0", blocks, x, out, n_threads)
@@ -168,5 +176,5 @@ def matmul_llama2c_q8(values: np.ndarray, scales: np.ndarray, group_size: int, x
     return out
 
 
-__all__ = ["matmul_q8_0", "matmul_q4_0", "matmul_q4_1", "matmul_llama2c_q8", "backend", "backend_info",
+__all__ = ["matmul_gguf", "matmul_q8_0", "matmul_q4_0", "matmul_q4_1", "matmul_llama2c_q8", "backend", "backend_info",
            "use_backend", "available_backends", "default_threads", "row_bytes", "QK", "BLOCK_BYTES"]
