@@ -17,6 +17,7 @@ from llmtp.common import kernels  # noqa: E402
 from llmtp.common.errors import ConfigError  # noqa: E402
 from llmtp.common.formats.load import load_model  # noqa: E402
 from llmtp.common.formats.shard_file import load_embedding, load_shard, write_shards  # noqa: E402
+from llmtp.common.model import gguf_blocks as gguf_blocks_module  # noqa: E402
 from llmtp.common.model.config import ModelConfig  # noqa: E402
 from llmtp.common.model.matrices import MATRIX_TYPES, stack_rows  # noqa: E402
 from llmtp.common.model.transformer import StepSequence  # noqa: E402
@@ -63,25 +64,46 @@ def q4_1_offsets(blocks: np.ndarray) -> np.ndarray:
     return np.repeat(m, 32, axis=1)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_product_is_dequantize_then_multiply_within_the_bound(backend, fmt, shape):
+def random_case(shape, tokens):
     rng = np.random.default_rng(shape[0] * 1000 + shape[1])
     w = rng.standard_normal(shape).astype(np.float32) * rng.uniform(0.1, 3.0, (shape[0], 1)).astype(np.float32)
-    w[0, :32] = 0.0  # an all-zero block
-    x = rng.standard_normal((5, shape[1])).astype(np.float32)
+    if shape[0] > 1:
+        w[1, :32] = 0.0  # an all-zero block
+    x = rng.standard_normal((tokens, shape[1])).astype(np.float32)
     x[0, :32] *= 50.0
+    return w, x
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_decode_product_is_dequantize_then_multiply_within_the_bound(backend, fmt, shape):
+    w, x = random_case(shape, gguf_blocks_module.PREFILL_TOKENS)  # the most tokens the kernel takes
     matrix = MATRIX_TYPES[fmt].from_float(w, {})
     np.testing.assert_array_equal(matrix.blocks, gguf_blocks(w, fmt))  # llama.cpp's own quantizer
     w64 = gguf_values(matrix.blocks, fmt)
     np.testing.assert_array_equal(matrix.dequantize(), w64.astype(np.float32))
     got = matrix.matmul(x)
-    assert got.dtype == np.float32 and got.shape == (5, shape[0])
+    assert got.dtype == np.float32 and got.shape == (len(x), shape[0])
     offsets = q4_1_offsets(matrix.blocks) if fmt == "q4_1" else None
     error = np.abs(got - x.astype(np.float64) @ w64.T)
     bound = product_bound(w64, x, offsets)
     assert np.all(error <= bound), f"worst error / bound {np.max(error / bound):.3f}"
-    assert np.max(error) > 0 or shape[0] == 1  # activations really were quantized (not a float path)
+    assert np.max(error) > 1e-4 * np.abs(got).max()  # activations really were quantized (not a float path)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_prefill_product_multiplies_tiles_of_the_exact_weights(backend, fmt, shape, monkeypatch):
+    """More than PREFILL_TOKENS tokens: tiles of rows expanded for BLAS, x not quantized, so only
+    float32 rounding remains: |error| <= (cols + 2) 2^-24 sum_j |x_j||w_j| (a sum of cols terms
+    in any order); 2 rows per tile, so the tiles' seams are crossed too."""
+    monkeypatch.setattr(gguf_blocks_module, "TILE_VALUES", 2 * shape[1])
+    w, x = random_case(shape, gguf_blocks_module.PREFILL_TOKENS + 3)
+    matrix = MATRIX_TYPES[fmt].from_float(w, {})
+    w64 = gguf_values(matrix.blocks, fmt)
+    got = matrix.matmul(x)
+    error = np.abs(got - x.astype(np.float64) @ w64.T)
+    assert np.all(error <= (shape[1] + 2) * U * (np.abs(x).astype(np.float64) @ np.abs(w64).T))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -112,11 +134,12 @@ def block_config() -> ModelConfig:
                        shared_classifier=False, rope_theta=10000.0, norm_eps=1e-5)
 
 
-PROMPT = [1, 5, 69, 0, 17, 42, 8]
+PROMPT = [1, 5, 69, 0, 17, 42, 8, 33, 2, 60, 11, 7]  # more than PREFILL_TOKENS: prefill runs on tiles
 DECODE = 10
 
 
 def greedy_tokens(engine) -> list[int]:
+    assert len(PROMPT) > gguf_blocks_module.PREFILL_TOKENS
     """Prefill the prompt at once, then DECODE greedy tokens one step at a time."""
     logits = engine.step(np.array(PROMPT), [StepSequence(0, 0, len(PROMPT))])[0]
     tokens = []
@@ -181,3 +204,18 @@ def test_a_worker_count_that_cuts_a_block_is_refused_by_name(tmp_path):
         write_shards(model, 3, tmp_path / "shards", progress=False)
     with pytest.raises(ConfigError, match="cannot cut q8_0 wo"):  # so does the in-process slicer
         ThreadedCluster(model.config, model.weights, 3, 32)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_expansion_equals_gguf_dequantize_on_every_backend(backend, fmt):
+    w, _ = random_case((37, 160), 1)
+    blocks = gguf_blocks(w, fmt)
+    np.testing.assert_array_equal(kernels.dequantize_gguf(fmt, blocks), gguf_values(blocks, fmt).astype(np.float32))
+
+
+def test_llama2c_expansion_is_values_times_their_group_scale(backend):
+    rng = np.random.default_rng(4)
+    values = rng.integers(-127, 128, (5, 96), dtype=np.int8)
+    scales = rng.random(5 * 96 // 32, dtype=np.float32)
+    expected = (values.astype(np.float64).reshape(5, 3, 32) * scales.reshape(5, 3, 1)).reshape(5, 96)
+    np.testing.assert_array_equal(kernels.dequantize_llama2c(values, scales, 32), expected.astype(np.float32))

@@ -176,5 +176,46 @@ def matmul_llama2c_q8(values: np.ndarray, scales: np.ndarray, group_size: int, x
     return out
 
 
-__all__ = ["matmul_gguf", "matmul_q8_0", "matmul_q4_0", "matmul_q4_1", "matmul_llama2c_q8", "backend", "backend_info",
+def _float_out(out: np.ndarray | None, rows: int, cols: int) -> np.ndarray:
+    if out is None:
+        return np.empty((rows, cols), dtype=np.float32)
+    if out.dtype != np.float32 or out.shape != (rows, cols) or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous float32 of shape {(rows, cols)}, got {out.dtype} {out.shape}")
+    return out
+
+
+def dequantize_gguf(fmt: str, blocks: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """GGUF blocks (rows, n_blocks * block bytes) uint8 -> (rows, n_blocks * 32) float32, as gguf's
+    dequantize computes them (d * q, d * (q - 8), d * q + m in float32). For prefill tiles and
+    embedding rows: call it on the rows you need, never on a whole model."""
+    if fmt not in BLOCK_BYTES or blocks.dtype != np.uint8 or blocks.ndim != 2 or blocks.shape[1] % BLOCK_BYTES[fmt]:
+        raise ValueError(f"{fmt} blocks must be uint8 (rows, n_blocks * {BLOCK_BYTES.get(fmt)}), "
+                         f"got {blocks.dtype} {blocks.shape}")
+    rows, cols = blocks.shape[0], blocks.shape[1] // BLOCK_BYTES[fmt] * QK
+    out = _float_out(out, rows, cols)
+    blocks = np.ascontiguousarray(blocks)
+    if _backend == "numpy" or rows == 0:
+        return fallback.dequantize_gguf(fmt, blocks, out)
+    _native.dequantize(FORMAT_CODES[fmt], blocks, b"", QK, rows, cols, out)
+    return out
+
+
+def dequantize_llama2c(values: np.ndarray, scales: np.ndarray, group_size: int,
+                       out: np.ndarray | None = None) -> np.ndarray:
+    """llama2.c v2 int8 values (rows, cols) and their group scales -> (rows, cols) float32 values * scale."""
+    rows, cols = values.shape
+    if values.dtype != np.int8 or group_size < 1 or cols % group_size:
+        raise ValueError(f"values must be int8 (rows, cols) with cols a multiple of group_size {group_size}")
+    scales = np.ascontiguousarray(scales, dtype=np.float32).reshape(-1)
+    if scales.size != rows * cols // group_size:
+        raise ValueError(f"scales hold {scales.size} values, expected {rows * cols // group_size}")
+    out = _float_out(out, rows, cols)
+    values = np.ascontiguousarray(values)
+    if _backend == "numpy" or rows == 0:
+        return fallback.dequantize_llama2c(values, scales, group_size, out)
+    _native.dequantize(FORMAT_CODES["llama2c_q8"], values, scales, group_size, rows, cols, out)
+    return out
+
+
+__all__ = ["dequantize_gguf", "dequantize_llama2c", "matmul_gguf", "matmul_q8_0", "matmul_q4_0", "matmul_q4_1", "matmul_llama2c_q8", "backend", "backend_info",
            "use_backend", "available_backends", "default_threads", "row_bytes", "QK", "BLOCK_BYTES"]

@@ -2,8 +2,8 @@
 
 A matrix keeps its blocks as the file stores them, one (rows, row_bytes) uint8 array: row r is
 cols / 32 blocks back to back (layouts in common/kernels/layout.py). Products run on the blocks
-(common/kernels: activations quantized to Q8 blocks, integer dot products per block); an
-embedding lookup expands only the rows it reads. Cuts fall on block boundaries: any row range,
+(common/kernels: activations quantized to Q8 blocks, integer dot products per block); prefill
+expands one small tile of rows at a time for BLAS; an embedding lookup expands only its rows. Cuts fall on block boundaries: any row range,
 columns in multiples of 32. `decode_blocks` and `encode_blocks` are the formats' one definition
 (common/formats/ggml_blocks.py expands a GGUF tensor with decode_blocks).
 
@@ -13,6 +13,7 @@ of largest magnitude, q = min(15, trunc(w / d + 8.5)); Q4_1 d = (max - min) / 15
 q = min(15, trunc((w - min) / d + 0.5)); d and m stored as fp16.
 """
 
+import threading
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -23,24 +24,27 @@ from llmtp.common.kernels.layout import BLOCK_BYTES, QK
 
 from .matrices import Encoding, Matrix, Part, register_matrix_type, stacked_view
 
+# Above this many tokens (prefill) a product expands TILE_VALUES weights at a time into a
+# per-thread buffer and lets BLAS multiply the tile: the integer kernel recomputes every block
+# for every token, BLAS reuses each weight across tokens from cache. Below it (decode) the
+# kernel reads a quarter of the bytes or less, which is what decode is bound by.
+PREFILL_TOKENS = 8
+TILE_VALUES = 256 * 1024  # 1 MiB of float32: a few hundred rows, small beside any weight matrix
 
-def _half(blocks: np.ndarray, offset: int) -> np.ndarray:
-    """(n, block bytes) -> the fp16 at byte `offset` of each block, as an (n, 1) float32 column."""
-    return np.ascontiguousarray(blocks[:, offset:offset + 2]).view("<f2").astype(np.float32)
+_tiles = threading.local()
 
 
-def _nibbles(packed: np.ndarray) -> np.ndarray:
-    """(n, 16) bytes -> (n, 32) values: byte k holds value k (low nibble) and k + 16 (high)."""
-    return np.concatenate([packed & 0x0F, packed >> 4], axis=1).astype(np.float32)
+def _tile_buffer(size: int) -> np.ndarray:
+    """`size` float32 values, one buffer per thread (a worker's products run on one thread)."""
+    buffer = getattr(_tiles, "buffer", None)
+    if buffer is None or buffer.size < size:
+        buffer = _tiles.buffer = np.empty(size, dtype=np.float32)
+    return buffer
 
 
 def decode_blocks(fmt: str, blocks: np.ndarray) -> np.ndarray:
-    """(n, block bytes) uint8 blocks of format `fmt` -> (n, 32) float32 values."""
-    if fmt == "q8_0":
-        return _half(blocks, 0) * blocks[:, 2:].view(np.int8).astype(np.float32)
-    if fmt == "q4_0":
-        return _half(blocks, 0) * (_nibbles(blocks[:, 2:]) - np.float32(8))
-    return _half(blocks, 0) * _nibbles(blocks[:, 4:]) + _half(blocks, 2)
+    """(n, block bytes) uint8 blocks of format `fmt` -> (n, 32) float32 values (the kernels' expansion)."""
+    return kernels.dequantize_gguf(fmt, blocks)
 
 
 def _pack_nibbles(q: np.ndarray) -> np.ndarray:
@@ -109,7 +113,21 @@ class GgufBlockMatrix(Matrix):
         return f"{self.type_tag} blocks of {QK} columns" if axis == 1 else super().block_name(axis)
 
     def matmul(self, x: np.ndarray) -> np.ndarray:
+        if x.ndim == 2 and x.shape[0] > PREFILL_TOKENS:
+            return self._matmul_by_tiles(np.asarray(x, dtype=np.float32))
         return kernels.matmul_gguf(self.fmt, self.blocks, x, n_threads=kernels.default_threads())
+
+    def _matmul_by_tiles(self, x: np.ndarray) -> np.ndarray:
+        rows, cols = self.shape
+        out = np.empty((x.shape[0], rows), dtype=np.float32)
+        tile_rows = max(1, TILE_VALUES // cols)
+        buffer = _tile_buffer(tile_rows * cols)
+        for start in range(0, rows, tile_rows):
+            stop = min(rows, start + tile_rows)
+            tile = kernels.dequantize_gguf(self.fmt, self.blocks[start:stop],
+                                           buffer[:(stop - start) * cols].reshape(stop - start, cols))
+            out[:, start:stop] = x @ tile.T
+        return out
 
     def dequantize(self) -> np.ndarray:
         rows = self.blocks.shape[0]
