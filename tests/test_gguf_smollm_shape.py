@@ -82,13 +82,9 @@ def test_greedy_equals_float64_reference(smollm_like, monkeypatch):
 
     expected = greedy(reference_step, prompt_ids)
     scale = np.abs(reference_logits[0]).max()
-    # The same float64 forward with every product's input quantized the way llama.cpp's Q4_1
-    # kernels quantize it (blocks of 32, d = max|x| / 127, q = round(x / d)), written here.
-    quantized = ReferenceTransformer(CONFIG, reference_weights)
-    for layer in quantized.layers:
-        for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
-            layer[name] = Int8Input(layer[name])
-    quantized.classifier = Int8Input(quantized.classifier)
+    # The same float64 forward with every product's input rounded to int8 blocks of 32, as
+    # llama.cpp's Q4_1 kernels (and ours) round it
+    quantized = ReferenceTransformer(CONFIG, reference_weights, int8_inputs=32)
     fed = prompt_ids + expected  # the reference's tokens, one at a time (every product a decode one)
     want = [quantized.forward(token, pos) for pos, token in enumerate(fed)]
     chosen = {}
@@ -106,16 +102,3 @@ def test_greedy_equals_float64_reference(smollm_like, monkeypatch):
         assert max(np.abs(a - b).max() for a, b in zip(got, want)) <= 0.04 * scale, label
     assert chosen["3 workers"] == chosen["in-process"]
 
-
-class Int8Input:
-    """A float64 matrix whose product first rounds its input to int8 blocks of 32 (w @ x)."""
-
-    def __init__(self, w: np.ndarray):
-        self.w = w
-
-    def __matmul__(self, x: np.ndarray) -> np.ndarray:
-        blocks = x.reshape(-1, 32)
-        d = np.abs(blocks).max(axis=1, keepdims=True) / 127.0
-        ratio = np.divide(blocks, d, out=np.zeros_like(blocks), where=d > 0)
-        q = np.copysign(np.floor(np.abs(ratio) + 0.5), ratio)
-        return self.w @ (q * d).reshape(x.shape)
