@@ -68,7 +68,10 @@ def silu(x: float) -> float:
 class ReferenceTransformer:
     """run.c's Transformer: weights expanded to float64 once, a KV cache, forward(token, pos)."""
 
-    def __init__(self, config, weights):
+    def __init__(self, config, weights, int8_inputs: int | None = None):
+        """int8_inputs: a group size; every matrix product then first rounds its input to int8 per
+        group of that many values (scale max|x| / 127, x / scale rounded half away from zero), as
+        runq.c (a version 2 file) and llama.cpp's Q8_0 / Q4 kernels (groups of 32) do."""
         self.dim = config.dim
         self.hidden_dim = config.hidden_dim
         self.n_layers = config.n_layers
@@ -88,6 +91,11 @@ class ReferenceTransformer:
                        for layer in weights.layers]
         self.final_norm = expand(weights.final_norm)
         self.classifier = expand(weights.classifier)  # the embedding itself when shared
+        if int8_inputs:
+            for layer in self.layers:
+                for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
+                    layer[name] = Int8Inputs(layer[name], int8_inputs)
+            self.classifier = Int8Inputs(self.classifier, int8_inputs)
         assert len(self.layers) == self.n_layers
         assert self.token_embedding.shape == (self.vocab_size, self.dim)
         assert self.classifier.shape == (self.vocab_size, self.dim)
@@ -140,7 +148,21 @@ class ReferenceTransformer:
         return w["w2"] @ gated
 
 
-def reference_logits(config, weights, tokens) -> np.ndarray:
+class Int8Inputs:
+    """A float64 matrix whose product `w @ x` first rounds x to int8 per group of `group` values."""
+
+    def __init__(self, w: np.ndarray, group: int):
+        self.w, self.group, self.shape = w, group, w.shape
+
+    def __matmul__(self, x: np.ndarray) -> np.ndarray:
+        groups = x.reshape(-1, self.group)
+        scale = np.abs(groups).max(axis=1, keepdims=True) / 127.0
+        ratio = np.divide(groups, scale, out=np.zeros_like(groups), where=scale > 0)
+        rounded = np.copysign(np.floor(np.abs(ratio) + 0.5), ratio)
+        return self.w @ (rounded * scale).reshape(x.shape)
+
+
+def reference_logits(config, weights, tokens, int8_inputs: int | None = None) -> np.ndarray:
     """(T,) token ids fed at positions 0..T-1 -> (T, vocab_size) float64 logits."""
-    model = ReferenceTransformer(config, weights)
+    model = ReferenceTransformer(config, weights, int8_inputs)
     return np.stack([model.forward(int(token), pos) for pos, token in enumerate(tokens)])

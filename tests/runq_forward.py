@@ -14,6 +14,8 @@ import numpy as np
 from llmtp.common import kernels
 
 F32 = np.float32
+# single bytes runq.c's safe_printf prints: isprint() or isspace() in the C locale
+PRINTED_BYTES = {bytes([b]) for b in range(0x20, 0x7F)} | {bytes([b]) for b in b"\t\n\v\f\r"}
 
 
 def sequential_sum(values: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -93,6 +95,8 @@ def greedy_stdout(config, weights, tokenizer, prompt: str, steps: int) -> bytes:
         following = tokens[pos + 1] if pos + 1 < len(tokens) else int(np.argmax(logits))
         if following == tokenizer.bos_id:
             break
-        printed.append(tokenizer.piece_bytes(following, token))
+        piece = tokenizer.piece_bytes(following, token)
+        if len(piece) != 1 or piece in PRINTED_BYTES:  # runq.c's safe_printf drops other lone bytes
+            printed.append(piece)
         token = following
     return b"".join(printed) + b"\n"

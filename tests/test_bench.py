@@ -63,3 +63,31 @@ def test_contended_bench_times_every_row_again_beside_a_busy_core(tmp_path):
     assert engines == ["in-process", "1 worker", "in-process, 1 core busy", "1 worker, 1 core busy"]
     assert "in-process, 1 core busy / quiet: decode" in result.stdout
     assert "1 worker, 1 core busy / quiet: decode" in result.stdout
+
+
+def test_bench_quant_measures_each_format_beside_float32(tmp_path):
+    config = make_config(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=80, seq_len=64)
+    checkpoint = write_random_checkpoint(tmp_path / "tiny.bin", config, seed=2)
+    env = {"LLMTP_CACHE_DIR": str(tmp_path / "cache")}
+    result = run_llmtp("bench", checkpoint, "-w", "2", "--quant", "q8_0,q4_1", "--prompt-tokens", 16,
+                       "--decode-tokens", 4, "--probe-mib", 16, "--rounds", 1, "-o", tmp_path / "out",
+                       timeout=240, env_extra=env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "bench-tiny.json").read_text())
+    rows = {r["engine"]: r for r in report["results"]}
+    assert list(rows) == ["in-process", "2 workers", "in-process q8_0", "2 workers q8_0", "in-process q4_1",
+                          "2 workers q4_1"]
+    assert [rows[e]["weights"] for e in rows] == ["f32", "f32", "q8_0", "q8_0", "q4_1", "q4_1"]
+    # bytes per token from the stored matrices: 34 and 20 bytes per 32 weights against 128
+    f32_mb = rows["in-process"]["weight_mb_per_token"]
+    assert abs(rows["in-process q8_0"]["weight_mb_per_token"] / f32_mb - 34 / 128) < 1e-12
+    assert abs(rows["2 workers q4_1"]["weight_mb_per_token"] / f32_mb - 20 / 128) < 1e-12
+    assert "in-process q8_0 / in-process: decode" in result.stdout
+    assert "2 workers q4_1 / in-process q4_1: decode" in result.stdout
+    assert len(rows["2 workers q8_0"]["worker_peak_rss_mb"]) == 2
+
+
+def test_bench_quant_refuses_an_unknown_format_in_one_line():
+    result = run_llmtp("bench", "--preset", "15M", "--quant", "q8_0,q5_k")
+    assert result.returncode == 2 and "--quant takes a comma list of q8_0, q4_0, q4_1" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

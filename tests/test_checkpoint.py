@@ -329,3 +329,26 @@ def test_config_rope_theta_and_eps_must_be_positive_floats(field, value):
     from dataclasses import replace
     with pytest.raises(FormatError, match=field):
         replace(make_config(), **{field: value}).validate("test")
+
+
+@pytest.mark.parametrize("n_heads, hidden_dim, default, counts_at_64", [
+    (4, 384, 32, [1, 2]),  # head_dim 32: a group of 64 spans two heads, so 3 and 4 workers would split one
+    (2, 384, 64, [1, 2]),  # head_dim 64: 64 cuts every count
+    (8, 384, 16, [1, 2]),  # head_dim 16: 4 workers start at head 2, column 32
+])
+def test_default_group_size_cuts_for_every_worker_count(n_heads, hidden_dim, default, counts_at_64):
+    from llmtp.common.model.quantize import cuttable_worker_counts, quantize_q80
+    from llmtp.common.model.slicing import worker_counts_that_cut
+
+    config = ModelConfig(dim=128, hidden_dim=hidden_dim, n_layers=1, n_heads=n_heads, n_kv_heads=n_heads,
+                         vocab_size=8, seq_len=4)
+    assert default_group_size(config) == default
+    assert cuttable_worker_counts(config, default) == list(range(1, n_heads + 1))
+    assert cuttable_worker_counts(config, 64) == counts_at_64
+    # the same counts as cutting real v2 weights of group 64 finds (the slicer's own checks)
+    weights = random_weights(config, seed=1)
+    for layer in weights.layers:
+        for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
+            setattr(layer, name, quantize_q80(getattr(layer, name), 64))
+    weights.classifier = quantize_q80(weights.classifier, 64)
+    assert worker_counts_that_cut(weights, config) == counts_at_64

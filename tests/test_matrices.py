@@ -40,8 +40,10 @@ def test_q8_product_lookup_and_expansion_match_float64(shape):
     x = RNG.standard_normal((3, shape[1])).astype(np.float32)
     got = matrix.matmul(x)
     assert got.dtype == np.float32 and got.shape == (3, shape[0])
-    # float32 products of |x| ~ 1 and |w| <= 127: a few float32 ulps of the row sums' scale
-    bound = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(w).T + 1)
+    # runq.c's product quantizes x per group (scale d = max|x_group| / 127), moving each value by
+    # at most d / 2; float32 steps add a few ulps of the row sums' scale
+    d = np.repeat(np.abs(x.astype(np.float64)).reshape(3, -1, GROUP).max(axis=2) / 127.0, GROUP, axis=1)
+    bound = (d / 2) @ np.abs(w).T * (1 + 1e-6) + 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(w).T + 1)
     assert np.all(np.abs(got - x.astype(np.float64) @ w.T) <= bound)
     np.testing.assert_array_equal(matrix.dequantize(), w.astype(np.float32))
     ids = np.array([0, shape[0] - 1, 0])

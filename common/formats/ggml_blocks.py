@@ -1,8 +1,9 @@
 """GGML tensor encodings as GGUF stores them, and their expansion to float32.
 
 A `RawTensor` is one tensor exactly as the file holds it: its GGML type name and its bytes
-(a read-only view of the memory map). Block-quantized types stay blocks here; `to_float32`
-expands one tensor at a time. Block layouts (llama.cpp ggml-common.h), each block covering
+(a read-only view of the memory map). `to_matrix` keeps Q8_0 / Q4_0 / Q4_1 matrices as blocks
+(common/model/gguf_blocks.py, which also holds their decoders); `to_float32` expands one tensor
+at a time. Block layouts (llama.cpp ggml-common.h), each block covering
 32 consecutive values of a row:
   Q8_0: fp16 d, 32 x int8 q                      w = d * q
   Q4_0: fp16 d, 16 bytes: low nibbles are values 0..15, high nibbles values 16..31
@@ -17,8 +18,11 @@ K-quants cover 256 values in sub-blocks with their own scales:
 """
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
+
+from llmtp.common.model.gguf_blocks import BY_GGML_TYPE, decode_blocks
 
 # type name -> (values per block, bytes per block); plain types are one value per "block"
 ENCODINGS = {
@@ -76,23 +80,6 @@ def _scale(blocks: np.ndarray, start: int) -> np.ndarray:
     return np.ascontiguousarray(blocks[:, start:start + 2]).view("<f2").astype(np.float32)
 
 
-def _nibbles(packed: np.ndarray) -> np.ndarray:
-    """(n_blocks, 16) bytes -> (n_blocks, 32) values: low nibbles first, then high ones."""
-    return np.concatenate([packed & 0x0F, packed >> 4], axis=1).astype(np.float32)
-
-
-def _q8_0(blocks: np.ndarray) -> np.ndarray:
-    return _scale(blocks, 0) * blocks[:, 2:].view(np.int8).astype(np.float32)
-
-
-def _q4_0(blocks: np.ndarray) -> np.ndarray:
-    return _scale(blocks, 0) * (_nibbles(blocks[:, 2:]) - np.float32(8))
-
-
-def _q4_1(blocks: np.ndarray) -> np.ndarray:
-    return _scale(blocks, 0) * _nibbles(blocks[:, 4:]) + _scale(blocks, 2)
-
-
 def _q4_k(blocks: np.ndarray) -> np.ndarray:
     n = len(blocks)
     packed = blocks[:, 4:16]
@@ -122,4 +109,14 @@ def _q6_k(blocks: np.ndarray) -> np.ndarray:
     return (_scale(blocks, 208).reshape(n, 1, 1, 1) * scales[:, :, :, None] * q).reshape(n, 256)
 
 
-_DECODERS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q6_K": _q6_k}
+_DECODERS = {"Q8_0": partial(decode_blocks, "q8_0"), "Q4_0": partial(decode_blocks, "q4_0"),
+             "Q4_1": partial(decode_blocks, "q4_1"), "Q4_K": _q4_k, "Q6_K": _q6_k}
+
+
+def to_matrix(raw: RawTensor):
+    """A 2-D tensor as the Matrix that keeps its storage: GGUF blocks for Q8_0 / Q4_0 / Q4_1
+    (multiplied by the block kernels, never expanded), a float32 view for F32; the rest
+    (F16, BF16, Q4_K, Q6_K, for which no kernel exists) expanded to float32 here."""
+    if raw.ggml_type in BY_GGML_TYPE:
+        return BY_GGML_TYPE[raw.ggml_type](raw.data.reshape(raw.shape[0], -1), raw.shape[1])
+    return to_float32(raw)

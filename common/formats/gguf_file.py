@@ -3,8 +3,9 @@
 The header, metadata and tensor infos are parsed by the `gguf` package (llama.cpp's own
 reader), which memory-maps the file; every tensor is checked (known type, shape the config
 implies, bytes inside the file) before anything is read. `raw_tensors` is the boundary to
-block-preserving matrix types: it yields each tensor as stored. `read_gguf` expands them to
-float32 one tensor at a time (F32 tensors stay views of the map).
+block-preserving matrix types: it yields each tensor as stored. `read_gguf` keeps Q8_0, Q4_0
+and Q4_1 matrices as their blocks (views of the map, multiplied by the block kernels) and F32
+ones as views; F16, BF16, Q4_K and Q6_K are expanded to float32 one tensor at a time.
 
 Q/K row order: llama.cpp's converter (convert_hf_to_gguf.py, LlamaModel.permute) reorders the
 rows of Hugging Face's q_proj/k_proj from rotate-half back to Meta's interleaved pairs, and
@@ -25,7 +26,7 @@ from llmtp.common.errors import FormatError
 from llmtp.common.model.config import ModelConfig
 from llmtp.common.model.weights import LAYER_FIELDS, LayerWeights, ModelWeights
 
-from .ggml_blocks import ENCODINGS, RawTensor, n_bytes, to_float32
+from .ggml_blocks import ENCODINGS, RawTensor, n_bytes, to_float32, to_matrix
 
 MAGIC = b"GGUF"
 ARCHITECTURE = "llama"
@@ -240,7 +241,8 @@ def read_gguf(path: str | os.PathLike, progress=None) -> GgufModel:
     tensors, types = {}, {}
     for name, raw in raw_tensors(path, reader, config):
         types[name] = raw.ggml_type
-        tensors[name] = to_float32(raw)  # one tensor at a time; quantized ones expanded here
+        # matrices in Q8_0 / Q4_0 / Q4_1 stay blocks; other quantized ones are expanded one at a time
+        tensors[name] = to_matrix(raw) if len(raw.shape) == 2 else to_float32(raw)
         if progress:
             progress(len(tensors), len(reader.tensors))
     return GgufModel(path, config, assemble(config, tensors), types, meta, reader, path.stat().st_size)

@@ -7,8 +7,10 @@ product and one float multiply-add. Nothing expands W to float32.
 Backends, chosen once at import: "avx2" (C, AVX2+FMA+F16C, when the CPU has them),
 "portable" (C, plain loops), "numpy" (fallback.py, when the C extension did not build or
 load; said once on stderr). LLMTP_KERNELS=portable or =numpy forces a slower one;
-use_backend() switches at run time (tests). n_threads: default 1, since a worker is one
-process per core; n > 1 splits rows over n pthreads created and joined per product.
+use_backend() switches at run time (tests). n_threads: default 1; n > 1 splits rows over n
+pthreads created and joined per product. The Matrix types pass default_threads(), the
+count BLAS is given in this process, so a quantized model uses the cores its float32 twin
+would (a worker gets its share through OPENBLAS_NUM_THREADS, see local_cluster.py).
 """
 
 import os
@@ -76,6 +78,25 @@ def use_backend(name: str) -> str:
     return previous
 
 
+_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+_threads: int | None = None
+
+
+def default_threads() -> int:
+    """Threads per product: the BLAS thread count of this process's environment, else its
+    usable cores (what OpenBLAS itself would start). Read once."""
+    global _threads
+    if _threads is None:
+        for name in _THREAD_VARIABLES:
+            value = os.environ.get(name, "").strip()
+            if value.isdigit() and int(value) > 0:
+                _threads = int(value)
+                break
+        else:
+            _threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return _threads
+
+
 def _activations(x: np.ndarray, cols: int) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim == 1:
@@ -105,6 +126,14 @@ def _matmul_gguf(fmt: str, blocks: np.ndarray, x: np.ndarray, out, n_threads: in
         return fallback.matmul_gguf(fmt, blocks, x, out)
     _native.matmul(FORMAT_CODES[fmt], _ISA[_backend], blocks, b"", QK, rows, cols, x, x.shape[0], out, n_threads)
     return out
+
+
+def matmul_gguf(fmt: str, blocks: np.ndarray, x: np.ndarray, out: np.ndarray | None = None,
+                n_threads: int = 1) -> np.ndarray:
+    """`fmt` one of "q8_0", "q4_0", "q4_1": the product of matmul_q8_0 / _q4_0 / _q4_1."""
+    if fmt not in BLOCK_BYTES:
+        raise ValueError(f"unknown block format {fmt!r} (known: {', '.join(BLOCK_BYTES)})")
+    return _matmul_gguf(fmt, blocks, x, out, n_threads)
 
 
 def matmul_q8_0(blocks: np.ndarray, x: np.ndarray, out: np.ndarray | None = None, n_threads: int = 1) -> np.ndarray:
@@ -147,5 +176,46 @@ def matmul_llama2c_q8(values: np.ndarray, scales: np.ndarray, group_size: int, x
     return out
 
 
-__all__ = ["matmul_q8_0", "matmul_q4_0", "matmul_q4_1", "matmul_llama2c_q8", "backend", "backend_info",
-           "use_backend", "available_backends", "row_bytes", "QK", "BLOCK_BYTES"]
+def _float_out(out: np.ndarray | None, rows: int, cols: int) -> np.ndarray:
+    if out is None:
+        return np.empty((rows, cols), dtype=np.float32)
+    if out.dtype != np.float32 or out.shape != (rows, cols) or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous float32 of shape {(rows, cols)}, got {out.dtype} {out.shape}")
+    return out
+
+
+def dequantize_gguf(fmt: str, blocks: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """GGUF blocks (rows, n_blocks * block bytes) uint8 -> (rows, n_blocks * 32) float32, as gguf's
+    dequantize computes them (d * q, d * (q - 8), d * q + m in float32). For prefill tiles and
+    embedding rows: call it on the rows you need, never on a whole model."""
+    if fmt not in BLOCK_BYTES or blocks.dtype != np.uint8 or blocks.ndim != 2 or blocks.shape[1] % BLOCK_BYTES[fmt]:
+        raise ValueError(f"{fmt} blocks must be uint8 (rows, n_blocks * {BLOCK_BYTES.get(fmt)}), "
+                         f"got {blocks.dtype} {blocks.shape}")
+    rows, cols = blocks.shape[0], blocks.shape[1] // BLOCK_BYTES[fmt] * QK
+    out = _float_out(out, rows, cols)
+    blocks = np.ascontiguousarray(blocks)
+    if _backend == "numpy" or rows == 0:
+        return fallback.dequantize_gguf(fmt, blocks, out)
+    _native.dequantize(FORMAT_CODES[fmt], blocks, b"", QK, rows, cols, out)
+    return out
+
+
+def dequantize_llama2c(values: np.ndarray, scales: np.ndarray, group_size: int,
+                       out: np.ndarray | None = None) -> np.ndarray:
+    """llama2.c v2 int8 values (rows, cols) and their group scales -> (rows, cols) float32 values * scale."""
+    rows, cols = values.shape
+    if values.dtype != np.int8 or group_size < 1 or cols % group_size:
+        raise ValueError(f"values must be int8 (rows, cols) with cols a multiple of group_size {group_size}")
+    scales = np.ascontiguousarray(scales, dtype=np.float32).reshape(-1)
+    if scales.size != rows * cols // group_size:
+        raise ValueError(f"scales hold {scales.size} values, expected {rows * cols // group_size}")
+    out = _float_out(out, rows, cols)
+    values = np.ascontiguousarray(values)
+    if _backend == "numpy" or rows == 0:
+        return fallback.dequantize_llama2c(values, scales, group_size, out)
+    _native.dequantize(FORMAT_CODES["llama2c_q8"], values, scales, group_size, rows, cols, out)
+    return out
+
+
+__all__ = ["dequantize_gguf", "dequantize_llama2c", "matmul_gguf", "matmul_q8_0", "matmul_q4_0", "matmul_q4_1", "matmul_llama2c_q8", "backend", "backend_info",
+           "use_backend", "available_backends", "default_threads", "row_bytes", "QK", "BLOCK_BYTES"]

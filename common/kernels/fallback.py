@@ -80,3 +80,21 @@ def matmul_llama2c(values: np.ndarray, scales: np.ndarray, group_size: int, x: n
             val = val + (ival[:, :, g] * ws[None, :, g]) * xs[:, g:g + 1]
         out[:, start:start + len(chunk)] = val
     return out
+
+
+def dequantize_gguf(fmt: str, blocks: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """(rows, row bytes) blocks -> out (rows, cols) float32: d * q (Q8_0), d * (q - 8) (Q4_0), d * q + m (Q4_1)."""
+    rows, cols = out.shape
+    chunk = blocks.reshape(rows, cols // QK, BLOCK_BYTES[fmt])
+    values = _half(chunk, 0)[:, :, None] * _block_values(chunk, fmt).astype(np.float32)
+    if fmt == "q4_1":
+        values = values + _half(chunk, 2)[:, :, None]
+    out[...] = values.reshape(rows, cols)
+    return out
+
+
+def dequantize_llama2c(values: np.ndarray, scales: np.ndarray, group_size: int, out: np.ndarray) -> np.ndarray:
+    rows, cols = values.shape
+    grouped = values.reshape(rows, cols // group_size, group_size).astype(np.float32)
+    out[...] = (grouped * scales.reshape(rows, -1, 1)).reshape(rows, cols)
+    return out

@@ -299,4 +299,4 @@ class F32Matrix(np.ndarray, Matrix):
 
 
 # Every storage type registers itself on import; these ship with llmtp.
-from . import q8_grouped  # noqa: E402,F401  (imports Matrix from here, so it comes last)
+from . import gguf_blocks, q8_grouped  # noqa: E402,F401  (they import Matrix from here, so they come last)

@@ -1,24 +1,14 @@
 """llama2.c's grouped Q8_0 (version 2 files) as a Matrix type (see common/model/matrices.py)."""
 
-import threading
 from dataclasses import dataclass
 from math import prod
 from typing import ClassVar
 
 import numpy as np
 
+import llmtp.common.kernels as kernels
+
 from .matrices import Encoding, Matrix, Part, Q_MAX, register_matrix_type
-
-_scratch = threading.local()
-
-
-def float_scratch(size: int) -> np.ndarray:
-    """A float32 buffer of `size` values, one per thread, reused by every matmul that
-    expands a matrix (so a worker holds one, as large as its largest quantized matrix)."""
-    buffer = getattr(_scratch, "buffer", None)
-    if buffer is None or buffer.size < size:
-        buffer = _scratch.buffer = np.empty(size, dtype=np.float32)
-    return buffer[:size]
 
 
 @register_matrix_type
@@ -57,10 +47,11 @@ class GroupedQ8Matrix(Matrix):
         return f"groups of {self.group_size} columns (group_size {self.group_size})"
 
     def matmul(self, x: np.ndarray) -> np.ndarray:
-        """Expanded into a per-thread scratch first, so a v2 model computes exactly what its
-        dequantized fp32 twin does. The quantized kernels replace this one method."""
-        weight = self.dequantize(out=float_scratch(self.values.size).reshape(self.shape))
-        return x @ weight.T
+        """runq.c's product on the int8 values (kernels.matmul_llama2c_q8): x quantized per
+        group, int32 group sums, runq.c's float order, so a v2 file's greedy text is runq.c's.
+        Every token of a batch (prefill) is computed as it would be alone; nothing expands."""
+        return kernels.matmul_llama2c_q8(self.values, self.scales, self.group_size, x,
+                                         n_threads=kernels.default_threads())
 
     def dequantize(self, out: np.ndarray | None = None) -> np.ndarray:
         rows, cols = self.values.shape
@@ -87,10 +78,11 @@ class GroupedQ8Matrix(Matrix):
                                self.group_size)
 
     def _cols_view(self, start: int, stop: int) -> "GroupedQ8Matrix":
-        # the scales of a column slice are strided; copy them (1/group_size of the values' count)
+        # a column slice is strided and the kernel reads rows back to back: copy it once here
+        # (int8, the slice's own size) rather than at every product
         groups = self._scales_by_row()[:, start // self.group_size:stop // self.group_size]
-        return GroupedQ8Matrix(self.values[:, start:stop], np.ascontiguousarray(groups).reshape(-1),
-                               self.group_size)
+        return GroupedQ8Matrix(np.ascontiguousarray(self.values[:, start:stop]),
+                               np.ascontiguousarray(groups).reshape(-1), self.group_size)
 
     @classmethod
     def params_problem(cls, shape, params) -> str | None:

@@ -13,6 +13,7 @@ from .config import ModelConfig
 from llmtp.common.errors import ConfigError
 from .matrices import Matrix
 from .q8_grouped import GroupedQ8Matrix
+from .split import split_evenly
 
 MAX_DEFAULT_GROUP_SIZE = 64
 
@@ -27,9 +28,21 @@ def valid_group_sizes(config: ModelConfig) -> list[int]:
     return [size for size in range(1, common + 1) if common % size == 0]
 
 
+def cuttable_worker_counts(config: ModelConfig, group_size: int) -> list[int]:
+    """Worker counts 1..n_heads whose cuts keep every group of `group_size` whole: each worker's
+    first head starts a group (wo's columns are cut at head boundaries) and the FFN has a group
+    per worker (w2's columns are cut in whole groups)."""
+    return [n for n in range(1, config.n_heads + 1)
+            if config.hidden_dim // group_size >= n
+            and all(start * config.head_dim % group_size == 0 for start, _ in split_evenly(config.n_heads, n))]
+
+
 def default_group_size(config: ModelConfig) -> int:
-    """The largest valid group size not above 64 (llama2.c's default)."""
-    return max(size for size in valid_group_sizes(config) if size <= MAX_DEFAULT_GROUP_SIZE)
+    """The largest valid group size not above 64 (llama2.c's default) that every worker count up
+    to n_heads can cut (so it divides head_dim); 1 always can."""
+    every = list(range(1, config.n_heads + 1))
+    return max((size for size in valid_group_sizes(config)
+               if size <= MAX_DEFAULT_GROUP_SIZE and cuttable_worker_counts(config, size) == every), default=1)
 
 
 def group_size_problem(config: ModelConfig, group_size: int) -> str | None:

@@ -11,7 +11,7 @@ from typing import Iterator
 
 from .config import ModelConfig
 from llmtp.common.errors import ConfigError
-from .split import SliceSpec
+from .split import SliceSpec, plan_split
 from .tensors import SHARD_LAYER_ORDER, TENSOR, layer_key, table_name, unit_size
 from .weights import LAYER_FIELDS, LayerWeights, Matrix, ModelWeights, ShardWeights
 
@@ -56,9 +56,29 @@ def check_cuts(weights: ModelWeights | ShardWeights, config: ModelConfig, spec: 
         granule = matrix.row_granule if axis == 0 else matrix.col_granule
         why = (f"head_dim {config.head_dim} is not a multiple of {granule}" if unit in ("heads", "kv_heads")
                else f"the {unit} range is not a multiple of {granule}")
+        counts = ", ".join(str(n) for n in worker_counts_that_cut(weights, config))
         raise ConfigError(f"cannot cut {matrix.type_tag} {name} for worker {spec.index} of {spec.count}: "
-                          f"{problem} ({why}); use a worker count whose head boundaries fall on its blocks, "
-                          f"or re-quantize with a block size dividing {config.head_dim}")
+                          f"{problem} ({why}); worker counts that keep its blocks whole: {counts} "
+                          f"(or re-quantize with a block size dividing {config.head_dim})")
+
+
+def _cut_problem(weights, config: ModelConfig, spec: SliceSpec) -> str | None:
+    for key, matrix in named_matrices(weights):
+        cut = cut_range(table_name(key), config, spec)
+        if cut is not None and matrix.cut_problem(*cut):
+            return matrix.cut_problem(*cut)
+    return None
+
+
+def worker_counts_that_cut(weights: ModelWeights | ShardWeights, config: ModelConfig) -> list[int]:
+    """The worker counts 1..n_heads whose every cut falls on every matrix's block boundaries."""
+    granule = column_granule(weights)
+    counts = []
+    for n in range(1, config.n_heads + 1):
+        if config.hidden_dim // granule >= n and all(
+                _cut_problem(weights, config, spec) is None for spec in plan_split(config, n, granule)):
+            counts.append(n)
+    return counts
 
 
 def column_granule(weights: ModelWeights | ShardWeights) -> int:

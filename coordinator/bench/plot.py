@@ -25,7 +25,7 @@ def plot_report(report: BenchReport, path: Path) -> bool:
     workers = sorted((r for r in ours if r.n_workers > 0), key=lambda r: r.n_workers)
     counts = [r.n_workers for r in workers]
     speed.plot(counts, [r.decode_tokens_per_s for r in workers], "o-", label="llmtp, N workers")
-    speed.plot(counts, [report.bandwidth_limit_tokens_per_s(r.cores) for r in workers], "s--", color="red",
+    speed.plot(counts, [report.limit_of(r) for r in workers], "s--", color="red",
                label="limit: weights / what their cores stream")
     for r in report.results:
         if r.n_workers == 0:

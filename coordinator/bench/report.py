@@ -23,7 +23,7 @@ def format_report(report: BenchReport) -> str:
         f"ZeroMQ round trip {report.limits.zmq_round_trip_ms * 1000:.0f} us",
         "limit = weights / what the row's cores stream (in-process and transformers use every core)",
         "",
-        f"{'engine':<22}{'cores':>6}{'prefill tok/s':>14}{'decode tok/s':>13}{'limit':>8}{'% of limit':>11}"
+        f"{'engine':<22}{'cores':>6}{'MB/tok':>8}{'prefill tok/s':>14}{'decode tok/s':>13}{'limit':>8}{'% of limit':>11}"
         f"{'step ms':>9}{'math':>8}{'sync':>8}{'coord':>8}{'per sync us':>12}{'sync/RTT':>9}"
         f"{'peak RSS - shard - kv MB':>26}",
     ]
@@ -32,11 +32,12 @@ def format_report(report: BenchReport) -> str:
         ratio = f"{r.sync_ms / report.limits.zmq_round_trip_ms:.2f}" if r.sync_ms else "-"
         overhead = ", ".join(f"{rss - shard - kv:.0f}" for rss, shard, kv in
                              zip(r.worker_peak_rss_mb, r.worker_shard_mb, r.worker_kv_mb)) or "-"
-        lines.append(f"{r.engine:<22}{r.cores:>6}{r.prefill_tokens_per_s:>14.1f}{r.decode_tokens_per_s:>13.2f}"
-                     f"{report.bandwidth_limit_tokens_per_s(r.cores):>8.1f}{100 * report.share_of_limit(r):>10.0f}%"
+        mb = _mb(report, r)
+        lines.append(f"{r.engine:<22}{r.cores:>6}{mb:>8.1f}{r.prefill_tokens_per_s:>14.1f}{r.decode_tokens_per_s:>13.2f}"
+                     f"{report.limit_of(r):>8.1f}{100 * report.share_of_limit(r):>10.0f}%"
                      f"{r.decode_step_ms:>9.2f}{r.math_ms:>8.2f}{r.sync_wait_ms:>8.2f}{r.coordinator_ms:>8.2f}"
                      f"{per_sync:>12}{ratio:>9}{overhead:>26}")
-    lines += scaling_lines(report) + contention_lines(report)
+    lines += scaling_lines(report) + quant_lines(report) + contention_lines(report)
     if report.gemm_gflops:
         config = report.config
         kernels = ", ".join(f"{library} {format_rate(gflops)} GFLOPS"
@@ -48,9 +49,32 @@ def format_report(report: BenchReport) -> str:
     return "\n".join(lines)
 
 
+def quant_lines(report: BenchReport) -> list[str]:
+    """`bench --quant`: each quantized row against the source's row of the same engine, and each
+    quantization's worker rows against its own in-process row."""
+    source = {r.engine: r for r in report.results if not r.variant}
+    alone = {r.variant: r for r in report.results if r.variant and r.n_workers == 0}
+    lines = []
+    for r in (r for r in report.results if r.variant):
+        base = source.get(r.engine.removesuffix(f" {r.variant}"))
+        if base is not None:
+            lines.append(f"{r.engine} / {base.engine}: decode {r.decode_tokens_per_s / base.decode_tokens_per_s:.2f}x, "
+                         f"prefill {r.prefill_tokens_per_s / base.prefill_tokens_per_s:.2f}x, bytes per token "
+                         f"{_mb(report, r) / _mb(report, base):.3f}x; {100 * report.share_of_limit(r):.0f}% of its "
+                         f"own limit")
+    for r in (r for r in report.results if r.variant and r.n_workers > 1 and r.variant in alone):
+        lines.append(f"{r.engine} / {alone[r.variant].engine}: decode "
+                     f"{r.decode_tokens_per_s / alone[r.variant].decode_tokens_per_s:.2f}x")
+    return [""] + lines if lines else []
+
+
+def _mb(report: BenchReport, result) -> float:
+    return result.weight_mb_per_token or report.weight_mb_per_token
+
+
 def scaling_lines(report: BenchReport) -> list[str]:
     """Each worker count's decode speed against one worker's, beside the same ratio of limits."""
-    workers = {r.n_workers: r for r in report.results if r.n_workers > 0 and not is_contended(r)}
+    workers = {r.n_workers: r for r in report.results if r.n_workers > 0 and not is_contended(r) and not r.variant}
     if 1 not in workers or len(workers) < 2:
         return []
     one = workers[1]

@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from llmtp.common.model.config import ModelConfig
+from llmtp.common.model.tensors import LAYER_MATRICES
 
 
 @dataclass
@@ -29,6 +30,9 @@ class EngineResult:
     worker_peak_rss_mb: list = field(default_factory=list)
     worker_shard_mb: list = field(default_factory=list)
     worker_kv_mb: list = field(default_factory=list)
+    weights: str = "f32"  # how its matrices are stored (a Matrix type tag)
+    weight_mb_per_token: float = 0.0  # what one decode step streams in that storage; 0: the report's
+    variant: str = ""  # "" for the measured model, else the `--quant` format its weights were put in
 
 
 @dataclass
@@ -44,19 +48,24 @@ class BenchReport:
     # --compare-hf) torch: library -> GFLOPS. Prefill is bound by these kernels.
     gemm_gflops: dict = field(default_factory=dict)
 
-    def bandwidth_limit_tokens_per_s(self, cores: int) -> float:
-        """Decode tokens/s if every weight byte streamed at what `cores` cores measured."""
-        return self.limits.bandwidth_gbs[cores] * 1e9 / (self.weight_mb_per_token * 1e6)
+    def bandwidth_limit_tokens_per_s(self, cores: int, weight_mb_per_token: float = 0.0) -> float:
+        """Decode tokens/s if every weight byte (of the source, or `weight_mb_per_token`) streamed
+        at what `cores` cores measured."""
+        return self.limits.bandwidth_gbs[cores] * 1e9 / ((weight_mb_per_token or self.weight_mb_per_token) * 1e6)
+
+    def limit_of(self, result: EngineResult) -> float:
+        """`result`'s own limit: its cores' stream over the bytes its storage reads per token."""
+        return self.bandwidth_limit_tokens_per_s(result.cores, result.weight_mb_per_token)
 
     def share_of_limit(self, result: EngineResult) -> float:
-        return result.decode_tokens_per_s / self.bandwidth_limit_tokens_per_s(result.cores)
+        return result.decode_tokens_per_s / self.limit_of(result)
 
 
-def weight_bytes_per_token(config: ModelConfig, bytes_per_weight: float = 4.0) -> float:
-    """Bytes of weights one decode step streams: every matrix once (the embedding lookup reads one row,
-    but a shared classifier reads the whole table)."""
-    lookup_only = 0 if config.shared_classifier else config.vocab_size * config.dim
-    return (config.n_params() - lookup_only) * bytes_per_weight
+def streamed_bytes_per_token(config: ModelConfig, weights) -> float:
+    """Bytes one decode step reads of `weights` as stored: every layer matrix and the classifier
+    once (a separate embedding table gives one row, left out)."""
+    matrices = [getattr(layer, name) for layer in weights.layers for name in LAYER_MATRICES]
+    return float(sum(m.nbytes for m in matrices) + weights.classifier.nbytes)
 
 
 def best_of(kept: EngineResult | None, new: EngineResult) -> EngineResult:

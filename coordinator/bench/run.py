@@ -11,27 +11,31 @@ from llmtp.common.errors import ConfigError
 from .contention import time_while_busy
 from .hf import HFModel
 from .limits import measure_bandwidth, measure_gemm_gflops, measure_zmq_round_trip
-from .results import BenchReport, EngineResult, MachineLimits, best_of, weight_bytes_per_token
+from .results import BenchReport, EngineResult, MachineLimits, best_of, streamed_bytes_per_token
 from .timing import time_engine
 
 
 def run_bench(model: str, checkpoint_path: Path, worker_counts: list[int], prompt_tokens: int,
               decode_tokens: int, reduce: str | None, compare_hf: bool, in_process: bool = True,
               probe_mib: int = 1024, cores_per_worker: int | None = 1, rounds: int = 3,
-              contended: bool = False) -> BenchReport:
+              contended: bool = False, quant: list[str] = ()) -> BenchReport:
     """cores_per_worker: pin each worker to that many cores (BLAS threads), so N workers use
     N x that many cores and the limit of each row is what those cores stream; None shares
     every core among the workers (as `generate --workers` does). A worker count that does
     not fit the cores falls back to sharing.
 
+    quant: GGUF block formats ("q8_0", ...) the same weights are also measured in, each its own
+    rows (in-process and every worker count) beside the source's.
+
     Every engine stays open for `rounds` rounds; each reports its best. contended: each round
     also times every engine while a busy process holds a core (contention.py)."""
-    from llmtp.common.formats.checkpoint import load_checkpoint
+    from llmtp.common.formats.load import load_model
 
     from ..local_cluster import ensure_shards, open_local_engine, usable_cpus
     from ..local_engine import LocalEngine
-    checkpoint = load_checkpoint(checkpoint_path)
-    config = checkpoint.config
+    from .quantized import quantized_model
+    source = load_model(checkpoint_path)
+    config = source.config
     if prompt_tokens + decode_tokens > config.seq_len:
         raise ConfigError(f"--prompt-tokens + --decode-tokens = {prompt_tokens + decode_tokens} exceeds "
                           f"the model's context {config.seq_len}")
@@ -39,22 +43,30 @@ def run_bench(model: str, checkpoint_path: Path, worker_counts: list[int], promp
     placements = {n: cores_per_worker if cores_per_worker and n * cores_per_worker <= cores else None
                   for n in worker_counts}
     cores_used = {n: n * k if k else cores for n, k in placements.items()}
-    bytes_per_weight = 1.0 + 4.0 / checkpoint.group_size if checkpoint.group_size else 4.0
+    # (suffix of the row labels, weights name, path): the source first, then each quantization
+    variants = [("", weights_name(source), checkpoint_path)]
+    variants += [(f" {fmt}", fmt, quantized_model(checkpoint_path, fmt)) for fmt in quant]
     core_counts = sorted({cores, *cores_used.values()})
     bandwidth_gbs = {n: 0.0 for n in core_counts}
     results: dict[str, EngineResult] = {}
     with contextlib.ExitStack() as stack:
-        engines = []  # (label, n_workers, cores, engine), in report order
-        if in_process:
-            engines.append(("in-process", 0, cores, stack.enter_context(LocalEngine.from_checkpoint(checkpoint))))
-        for n in worker_counts:
-            print(f"bench: starting {n} worker(s)", file=sys.stderr)
-            engine = stack.enter_context(contextlib.closing(open_local_engine(
-                ensure_shards(checkpoint_path, n), n, reduce=reduce, cores_per_worker=placements[n])))
-            engines.append((f"{n} worker{'s' if n > 1 else ''}", n, cores_used[n], engine))
+        engines = []  # (label, n_workers, cores, engine, weights name, MB per token, variant), in report order
+        for suffix, name, path in variants:
+            loaded = source if path == checkpoint_path else load_model(path)
+            mb = streamed_bytes_per_token(config, loaded.weights) / 1e6
+            if in_process:
+                engines.append(("in-process" + suffix, 0, cores,
+                                stack.enter_context(LocalEngine.from_checkpoint(loaded)), name, mb, suffix.strip()))
+            for n in worker_counts:
+                print(f"bench: starting {n} worker(s){suffix}", file=sys.stderr)
+                engine = stack.enter_context(contextlib.closing(open_local_engine(
+                    ensure_shards(path, n), n, reduce=reduce, cores_per_worker=placements[n])))
+                engines.append((f"{n} worker{'s' if n > 1 else ''}{suffix}", n, cores_used[n], engine, name, mb,
+                                suffix.strip()))
+            del loaded
         hf = None
         if compare_hf:
-            hf = HFModel.open(checkpoint, cores)
+            hf = HFModel.open(source, cores)
             if hf is None:
                 print("bench: transformers/torch are not installed (pip install -e '.[oracle]'); skipped",
                       file=sys.stderr)
@@ -66,8 +78,12 @@ def run_bench(model: str, checkpoint_path: Path, worker_counts: list[int], promp
             for n in core_counts:
                 bandwidth_gbs[n] = max(bandwidth_gbs[n], measure_bandwidth(n, probe_mib))
             def time_rows(label_of=lambda label: label):
-                return [time_engine(engine, config, prompt_tokens, decode_tokens, n, used, label_of(label))
-                        for label, n, used, engine in engines]
+                timings = []
+                for label, n, used, engine, name, mb, variant in engines:
+                    timing = time_engine(engine, config, prompt_tokens, decode_tokens, n, used, label_of(label))
+                    timing.weights, timing.weight_mb_per_token, timing.variant = name, mb, variant
+                    timings.append(timing)
+                return timings
             timings = time_rows()
             if contended:  # the same engines again, a busy process holding one core
                 timings += time_while_busy(time_rows)
@@ -82,6 +98,11 @@ def run_bench(model: str, checkpoint_path: Path, worker_counts: list[int], promp
     if hf:
         gemm_gflops["torch"] = measure_gemm_gflops(*gemm_shape, "torch")
     return BenchReport(model=model, config=asdict(config),
-                       weight_mb_per_token=weight_bytes_per_token(config, bytes_per_weight) / 1e6,
+                       weight_mb_per_token=streamed_bytes_per_token(config, source.weights) / 1e6,
                        limits=limits, results=list(results.values()), prompt_tokens=prompt_tokens,
                        decode_tokens=decode_tokens, gemm_gflops=gemm_gflops)
+
+
+def weights_name(model) -> str:
+    """How the source stores its matrices, for the report: "f32", "q8_grouped", "q4_0", ..."""
+    return model.weights.layers[0].wq.type_tag

@@ -20,6 +20,9 @@ def register(subparsers) -> None:
     bench.add_argument("--decode-tokens", type=positive_int, default=32)
     bench.add_argument("--reduce", choices=REDUCE_MODES,
                        help="how workers sum partials (default: shm when every worker has a core, else peers)")
+    bench.add_argument("--quant", metavar="FORMATS",
+                       help="also measure the weights quantized to these GGUF block formats, a comma list "
+                            "of q8_0, q4_0, q4_1 (each written once into the cache)")
     bench.add_argument("--compare-hf", action="store_true", help="also time transformers on the same weights")
     bench.add_argument("-o", "--out", default="bench-out", help="folder for the JSON and PNG")
     bench.add_argument("--probe-mib", type=positive_int, default=1024, help="size of the bandwidth probe's matrix")
@@ -46,6 +49,8 @@ def run(args) -> int:
         raise ConfigError(f"--rounds must be 1 or more, got {args.rounds}")
     if args.cores_per_worker < 0:
         raise ConfigError(f"--cores-per-worker must be 0 or more, got {args.cores_per_worker}")
+    from llmtp.coordinator.bench.quantized import parse_quant
+    quant = parse_quant(args.quant)
     if args.preset:
         model, path = args.preset, bench.synthetic_checkpoint(args.preset)
     else:
@@ -56,7 +61,7 @@ def run(args) -> int:
     report = bench.run_bench(model, path, worker_counts, args.prompt_tokens, args.decode_tokens, args.reduce,
                              args.compare_hf, probe_mib=args.probe_mib,
                              cores_per_worker=args.cores_per_worker or None, rounds=args.rounds,
-                             contended=args.contended)
+                             contended=args.contended, quant=quant)
     print(bench.format_report(report))
     json_path, png_path = bench.save_report(report, Path(args.out))
     print(f"\nwrote {json_path}" + (f" and {png_path}" if png_path else

@@ -22,7 +22,8 @@ def register(subparsers) -> None:
     conv.add_argument("output", help="the new file (an existing one is replaced once the new one is complete)")
     conv.add_argument("--version", type=int, choices=(0, 1, 2), required=True)
     conv.add_argument("--group-size", type=positive_int, default=None, help="int8 group size for version 2 "
-                      "(default: the largest <= 64 that divides every row)")
+                      "(default: the largest <= 64 that divides every row and that every worker count "
+                      "up to n_heads can cut)")
     conv.add_argument("--tokenizer-out", help="where a GGUF's or folder's tokenizer goes as tokenizer.bin "
                       "(default: tokenizer.bin beside OUTPUT)")
     conv.set_defaults(handler=run)
@@ -50,7 +51,12 @@ def run(args) -> int:
         converted = export_llama2c(model, output_path, args.version, args.group_size, tokenizer)
     except OSError as error:
         raise ConfigError(f"{output_path}: cannot write ({error.strerror})") from None
-    print(f"wrote {output_path}: version {converted.version}, {converted.n_bytes} bytes", file=sys.stderr)
+    detail = ""
+    if converted.group_size:  # version 2: which --workers counts keep every int8 group whole
+        from llmtp.common.model.quantize import cuttable_worker_counts
+        counts = cuttable_worker_counts(converted.config, converted.group_size)
+        detail = f", group size {converted.group_size}, cuts for --workers {', '.join(map(str, counts))}"
+    print(f"wrote {output_path}: version {converted.version}, {converted.n_bytes} bytes{detail}", file=sys.stderr)
     if tokenizer is not None:
         print(f"wrote {tokenizer[0]}: {len(tokenizer_bytes)} bytes (run.c: -z {tokenizer[0]})", file=sys.stderr)
     return 0

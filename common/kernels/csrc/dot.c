@@ -231,3 +231,37 @@ void product_rows(const product_t *p, int row_begin, int row_end) {
         for (int t = 0; t < p->tokens; t++)
             p->out[(size_t)t * p->rows + r] = row_product(p, r, t);
 }
+
+/* ---- expansion (prefill tiles) ---- */
+
+void dequantize_rows(const product_t *p, int row_begin, int row_end, float *out) {
+    int nb = p->cols / QK;
+    for (int r = row_begin; r < row_end; r++, out += p->cols) {
+        const uint8_t *row = p->weights + (size_t)r * p->row_bytes;
+        if (p->format == FMT_LLAMA2C_Q8) {
+            const int8_t *w = (const int8_t *)row;
+            const float *ws = p->wscales + (size_t)r * (p->cols / p->group_size);
+            for (int j = 0; j < p->cols; j++) out[j] = (float)w[j] * ws[j / p->group_size];
+            continue;
+        }
+        size_t bytes = block_bytes(p->format);
+        for (int b = 0; b < nb; b++, row += bytes) {
+            float d = fp16_to_float(row), *o = out + (size_t)b * QK;
+            if (p->format == FMT_Q8_0) {
+                const int8_t *q = (const int8_t *)(row + 2);
+                for (int k = 0; k < QK; k++) o[k] = d * (float)q[k];
+            } else if (p->format == FMT_Q4_0) {
+                for (int k = 0; k < QK / 2; k++) {
+                    o[k] = d * (float)((row[2 + k] & 0x0f) - 8);
+                    o[k + QK / 2] = d * (float)((row[2 + k] >> 4) - 8);
+                }
+            } else {
+                float m = fp16_to_float(row + 2);
+                for (int k = 0; k < QK / 2; k++) {
+                    o[k] = d * (float)(row[4 + k] & 0x0f) + m;
+                    o[k + QK / 2] = d * (float)(row[4 + k] >> 4) + m;
+                }
+            }
+        }
+    }
+}

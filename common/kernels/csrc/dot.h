@@ -27,5 +27,8 @@ size_t block_bytes(int format);
 /* Quantize x (tokens, cols) for `format`: groups of QK (GGUF) or group_size (llama2.c, runq.c's rule). */
 void quantize_activations(const product_t *p, const float *x, int8_t *xq, float *xscale, float *xsum);
 void product_rows(const product_t *p, int row_begin, int row_end);
+/* Expand rows row_begin..row_end of p->weights to float32 out ((row_end - row_begin), cols): for
+ * prefill, one tile at a time into a small buffer a BLAS product then reads. */
+void dequantize_rows(const product_t *p, int row_begin, int row_end, float *out);
 
 #endif

@@ -96,6 +96,35 @@ done:
     return result;
 }
 
+static PyObject *dequantize(PyObject *self, PyObject *args) {
+    (void)self;
+    int format, group_size, rows, cols;
+    Py_buffer weights = {0}, wscales = {0}, out = {0};
+    if (!PyArg_ParseTuple(args, "iy*y*iiiw*", &format, &weights, &wscales, &group_size, &rows, &cols, &out))
+        return NULL;
+    PyObject *result = NULL;
+    product_t p = {format, ISA_PORTABLE, weights.buf, wscales.buf, 0, rows, cols, 1, group_size,
+                   NULL, NULL, NULL, NULL};
+    int group = format == FMT_LLAMA2C_Q8 ? group_size : QK;
+    if (format < FMT_Q8_0 || format > FMT_LLAMA2C_Q8 || rows < 0 || cols < 1 || group < 1 || cols % group) {
+        PyErr_SetString(PyExc_ValueError, "bad format or shape");
+        goto done;
+    }
+    p.row_bytes = format == FMT_LLAMA2C_Q8 ? (size_t)cols : (size_t)(cols / QK) * block_bytes(format);
+    if (check_length(&weights, p.row_bytes * rows, "weights") ||
+        (format == FMT_LLAMA2C_Q8 && check_length(&wscales, sizeof(float) * rows * (size_t)(cols / group), "scales")) ||
+        check_length(&out, sizeof(float) * (size_t)rows * cols, "out"))
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    dequantize_rows(&p, 0, rows, out.buf);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&weights), PyBuffer_Release(&wscales), PyBuffer_Release(&out);
+    return result;
+}
+
 static PyObject *has_avx2(PyObject *self, PyObject *unused) {
     (void)self, (void)unused;
     return PyBool_FromLong(cpu_has_avx2());
@@ -104,6 +133,8 @@ static PyObject *has_avx2(PyObject *self, PyObject *unused) {
 static PyMethodDef methods[] = {
     {"matmul", matmul, METH_VARARGS,
      "matmul(format, isa, weights, wscales, group_size, rows, cols, x, tokens, out, n_threads)"},
+    {"dequantize", dequantize, METH_VARARGS,
+     "dequantize(format, weights, wscales, group_size, rows, cols, out): rows expanded to float32"},
     {"cpu_has_avx2", has_avx2, METH_NOARGS, "Whether this CPU runs the AVX2+FMA+F16C kernels."},
     {NULL, NULL, 0, NULL},
 };
