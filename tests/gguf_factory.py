@@ -58,16 +58,11 @@ def write_gguf(path, config: ModelConfig, weights: ModelWeights, matrix_type: st
     encoder: (name, float32 values, ggml_type) -> (array, raw_dtype) instead of `encode`."""
     import gguf
 
+    from llmtp.common.formats.gguf_file import add_llama_metadata
+
     path = Path(path)
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_context_length(config.seq_len)
-    writer.add_embedding_length(config.dim)
-    writer.add_block_count(config.n_layers)
-    writer.add_feed_forward_length(config.hidden_dim)
-    writer.add_head_count(config.n_heads)
-    writer.add_head_count_kv(config.n_kv_heads)
-    writer.add_rope_freq_base(config.rope_theta)
-    writer.add_layer_norm_rms_eps(config.norm_eps)
+    add_llama_metadata(writer, config)
     writer.add_rope_dimension_count(config.head_dim)
     for key, value in (extra or {}).items():
         _add_value(writer, key, value)

@@ -58,6 +58,19 @@ class GgufModel:
     n_bytes: int = 0
 
 
+def add_llama_metadata(writer, config: ModelConfig) -> None:
+    """The llama.* keys gguf_config reads back, on a gguf.GGUFWriter (bench's quantized
+    copies and the tests' GGUF files write the same header through this)."""
+    writer.add_context_length(config.seq_len)
+    writer.add_embedding_length(config.dim)
+    writer.add_block_count(config.n_layers)
+    writer.add_feed_forward_length(config.hidden_dim)
+    writer.add_head_count(config.n_heads)
+    writer.add_head_count_kv(config.n_kv_heads)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+
+
 def is_gguf(head: bytes) -> bool:
     return head[:4] == MAGIC
 

@@ -39,6 +39,7 @@ def quantized_model(source: Path, fmt: str) -> Path:
     import gguf
     import numpy as np
 
+    from llmtp.common.formats.gguf_file import add_llama_metadata
     from llmtp.common.formats.load import load_model
     path = quantized_path(source, fmt)
     if path.exists():
@@ -53,14 +54,7 @@ def quantized_model(source: Path, fmt: str) -> Path:
     partial = path.with_name(path.name + ".partial")
     kind = gguf.GGMLQuantizationType[fmt.upper()]
     writer = gguf.GGUFWriter(str(partial), "llama")
-    writer.add_context_length(config.seq_len)
-    writer.add_embedding_length(config.dim)
-    writer.add_block_count(config.n_layers)
-    writer.add_feed_forward_length(config.hidden_dim)
-    writer.add_head_count(config.n_heads)
-    writer.add_head_count_kv(config.n_kv_heads)
-    writer.add_rope_freq_base(config.rope_theta)
-    writer.add_layer_norm_rms_eps(config.norm_eps)
+    add_llama_metadata(writer, config)
 
     def add_matrix(name: str, matrix) -> None:
         blocks = MATRIX_TYPES[fmt].from_float(matrix.dequantize(), {}).blocks  # one matrix at a time
