@@ -8,9 +8,16 @@ Backends, chosen once at import: "avx2" (C, AVX2+FMA+F16C, when the CPU has them
 "portable" (C, plain loops), "numpy" (fallback.py, when the C extension did not build or
 load; said once on stderr). LLMTP_KERNELS=portable or =numpy forces a slower one;
 use_backend() switches at run time (tests). n_threads: default 1; n > 1 splits rows over n
-pthreads created and joined per product. The Matrix types pass default_threads(), the
-count BLAS is given in this process, so a quantized model uses the cores its float32 twin
-would (a worker gets its share through OPENBLAS_NUM_THREADS, see local_cluster.py).
+threads of a pool started once (csrc/pool.c: idle threads spin ~50 us, then sleep). The
+Matrix types pass threads(): at first default_threads(), the count BLAS is given in this
+process (a worker gets its share through OPENBLAS_NUM_THREADS, see local_cluster.py), then
+whatever common/model/blas_threads.py chooses for BLAS and these kernels alike (THREADS).
+
+matmul_f32 is the float32 product of decode: at most F32_MAX_TOKENS tokens, each weight row
+streamed once for all of them (OpenBLAS's sgemm packs the matrix and streams a few tokens
+at a quarter of sgemv's speed), each output summed the same way whatever the token count, so
+a sequence gets the same bits alone and batched. AVX2 only (has_f32_kernel()); elsewhere
+the Matrix type uses BLAS.
 """
 
 import os
@@ -95,6 +102,57 @@ def default_threads() -> int:
         else:
             _threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return _threads
+
+
+class KernelThreads:
+    """The kernels' thread count, in the shape of a threadpoolctl controller (num_threads,
+    set_num_threads), so the code that chooses BLAS's count sets this one too."""
+
+    user_api = "llmtp-kernels"
+
+    def __init__(self):
+        self._count: int | None = None
+
+    @property
+    def num_threads(self) -> int:
+        return default_threads() if self._count is None else self._count
+
+    def set_num_threads(self, count: int) -> None:
+        if count < 1:
+            raise ValueError(f"thread count {count} is below 1")
+        self._count = count
+
+
+THREADS = KernelThreads()
+
+
+def threads() -> int:
+    """Threads a product runs on now."""
+    return THREADS.num_threads
+
+
+F32_MAX_TOKENS = 8  # csrc/f32.h
+
+
+def has_f32_kernel() -> bool:
+    """Whether matmul_f32 runs here (the C extension with AVX2+FMA, and the avx2 backend chosen)."""
+    return _backend == "avx2"
+
+
+def matmul_f32(weights: np.ndarray, x: np.ndarray, out: np.ndarray | None = None,
+               n_threads: int | None = None) -> np.ndarray:
+    """float32 weights (rows, cols), C-contiguous; x (T, cols), T <= F32_MAX_TOKENS -> (T, rows)."""
+    if not has_f32_kernel():
+        raise ValueError(f"the float32 kernel needs the avx2 backend ({backend_info()})")
+    if weights.dtype != np.float32 or weights.ndim != 2 or not weights.flags.c_contiguous:
+        raise ValueError(f"weights must be C-contiguous float32 (rows, cols), got {weights.dtype} {weights.shape}")
+    rows, cols = weights.shape
+    x = _activations(x, cols)
+    if not 1 <= x.shape[0] <= F32_MAX_TOKENS:
+        raise ValueError(f"x has {x.shape[0]} tokens; the float32 kernel takes 1..{F32_MAX_TOKENS}")
+    out = _output(out, x.shape[0], rows)
+    _native.matmul_f32(weights, cols, rows, cols, x, x.shape[0], out, threads() if n_threads is None else n_threads)
+    return out
 
 
 def _activations(x: np.ndarray, cols: int) -> np.ndarray:
@@ -217,5 +275,5 @@ def dequantize_llama2c(values: np.ndarray, scales: np.ndarray, group_size: int,
     return out
 
 
-__all__ = ["dequantize_gguf", "dequantize_llama2c", "matmul_gguf", "matmul_q8_0", "matmul_q4_0", "matmul_q4_1", "matmul_llama2c_q8", "backend", "backend_info",
+__all__ = ["matmul_f32", "has_f32_kernel", "F32_MAX_TOKENS", "threads", "THREADS", "dequantize_gguf", "dequantize_llama2c", "matmul_gguf", "matmul_q8_0", "matmul_q4_0", "matmul_q4_1", "matmul_llama2c_q8", "backend", "backend_info",
            "use_backend", "available_backends", "default_threads", "row_bytes", "QK", "BLOCK_BYTES"]

@@ -82,12 +82,14 @@ def warm_up(rows: int, n_in: int, n_out: int, counts: list[int], libraries: list
 
 
 def blas_libraries() -> list:
-    """threadpoolctl's controllers for the BLAS libraries in this process (none without it)."""
+    """threadpoolctl's controllers for the BLAS libraries in this process (none without it),
+    and llmtp's own kernels' count (decode's float32 and quantized products), set alike."""
+    import llmtp.common.kernels as kernels
     try:
         from threadpoolctl import ThreadpoolController
     except ImportError:
-        return []
-    return [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+        return [kernels.THREADS]
+    return [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"] + [kernels.THREADS]
 
 
 class BlasThreads:

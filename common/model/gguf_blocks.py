@@ -115,7 +115,7 @@ class GgufBlockMatrix(Matrix):
     def matmul(self, x: np.ndarray) -> np.ndarray:
         if x.ndim == 2 and x.shape[0] > PREFILL_TOKENS:
             return self._matmul_by_tiles(np.asarray(x, dtype=np.float32))
-        return kernels.matmul_gguf(self.fmt, self.blocks, x, n_threads=kernels.default_threads())
+        return kernels.matmul_gguf(self.fmt, self.blocks, x, n_threads=kernels.threads())
 
     def _matmul_by_tiles(self, x: np.ndarray) -> np.ndarray:
         rows, cols = self.shape

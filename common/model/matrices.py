@@ -21,6 +21,7 @@ from typing import ClassVar, Sequence
 
 import numpy as np
 
+import llmtp.common.kernels as kernels
 from llmtp.common.errors import ConfigError, FormatError
 
 Q_MAX = 127.0  # int8 values span -127..127 (llama2.c's quantize_q80)
@@ -262,6 +263,11 @@ class F32Matrix(np.ndarray, Matrix):
         return Encoding(self.type_tag)
 
     def matmul(self, x: np.ndarray) -> np.ndarray:
+        # a few tokens (decode): the kernel streams the matrix once at memory speed, where BLAS's
+        # sgemm would pack it first; one token takes it too, so batched rows equal lone ones
+        if x.ndim == 2 and x.shape[0] <= kernels.F32_MAX_TOKENS and kernels.has_f32_kernel() \
+                and self.flags.c_contiguous:
+            return kernels.matmul_f32(self.plain, x)
         return x @ self.plain.T
 
     def dequantize(self) -> np.ndarray:

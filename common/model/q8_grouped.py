@@ -51,7 +51,7 @@ class GroupedQ8Matrix(Matrix):
         group, int32 group sums, runq.c's float order, so a v2 file's greedy text is runq.c's.
         Every token of a batch (prefill) is computed as it would be alone; nothing expands."""
         return kernels.matmul_llama2c_q8(self.values, self.scales, self.group_size, x,
-                                         n_threads=kernels.default_threads())
+                                         n_threads=kernels.threads())
 
     def dequantize(self, out: np.ndarray | None = None) -> np.ndarray:
         rows, cols = self.values.shape

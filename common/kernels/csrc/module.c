@@ -2,46 +2,33 @@
  *
  * Buffers arrive through the buffer protocol (numpy arrays from kernels/__init__.py, which
  * checks dtypes and shapes); their lengths are checked again here, so a wrong call raises
- * ValueError instead of reading past a buffer. The GIL is released while rows are computed. */
+ * ValueError instead of reading past a buffer. The GIL is released while rows are computed, on
+ * the calling thread and the pool's (pool.c). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <pthread.h>
 #include <stdlib.h>
 
 #include "dot.h"
+#include "f32.h"
+#include "pool.h"
 
-typedef struct {
-    const product_t *product;
-    int row_begin, row_end;
-} slice_t;
-
-static void *run_slice(void *arg) {
-    const slice_t *slice = arg;
-    product_rows(slice->product, slice->row_begin, slice->row_end);
-    return NULL;
+/* Rows split evenly over the pool's threads; part i of n computes its share of the rows. */
+static void quantized_part(void *context, int index, int count) {
+    const product_t *p = context;
+    product_rows(p, (int)((long)p->rows * index / count), (int)((long)p->rows * (index + 1) / count));
 }
 
-/* n_threads > 1: threads are created for this product and joined (a blocking wait, no spinning). */
-static int run_threads(const product_t *p, int n_threads) {
-    if (n_threads > p->rows) n_threads = p->rows;
-    if (n_threads <= 1) {
-        product_rows(p, 0, p->rows);
-        return 0;
-    }
-    pthread_t threads[64];
-    slice_t slices[64];
-    int running[64] = {0};
-    if (n_threads > 64) n_threads = 64;
-    for (int i = 0; i < n_threads; i++) {
-        slices[i] = (slice_t){p, (int)((long)p->rows * i / n_threads), (int)((long)p->rows * (i + 1) / n_threads)};
-        if (i == 0) continue; /* the calling thread computes slice 0 */
-        running[i] = pthread_create(&threads[i], NULL, run_slice, &slices[i]) == 0;
-        if (!running[i]) run_slice(&slices[i]); /* cannot start a thread: do its rows here */
-    }
-    run_slice(&slices[0]);
-    for (int i = 1; i < n_threads; i++)
-        if (running[i]) pthread_join(threads[i], NULL);
-    return 0;
+static void f32_part(void *context, int index, int count) {
+    const f32_product_t *p = context;
+    int groups = (p->rows + 7) / 8; /* whole blocks of 8 rows per part, so every part runs wide blocks */
+    int begin = (int)((long)groups * index / count) * 8, end = (int)((long)groups * (index + 1) / count) * 8;
+    f32_rows_avx2(p, begin, end < p->rows ? end : p->rows);
+}
+
+static int parts_for(int n_threads, int rows) {
+    if (n_threads > rows) n_threads = rows;
+    if (n_threads > POOL_MAX_THREADS) n_threads = POOL_MAX_THREADS;
+    return n_threads < 1 ? 1 : n_threads;
 }
 
 static int check_length(const Py_buffer *buffer, size_t expected, const char *name) {
@@ -86,13 +73,40 @@ static PyObject *matmul(PyObject *self, PyObject *args) {
     p.xq = xq, p.xscale = xscale, p.xsum = xsum;
     Py_BEGIN_ALLOW_THREADS
     quantize_activations(&p, x.buf, xq, xscale, xsum);
-    run_threads(&p, n_threads);
+    pool_run(quantized_part, &p, parts_for(n_threads, rows));
     Py_END_ALLOW_THREADS
     result = Py_None;
     Py_INCREF(result);
 done:
     free(xq), free(xscale), free(xsum);
     PyBuffer_Release(&weights), PyBuffer_Release(&wscales), PyBuffer_Release(&x), PyBuffer_Release(&out);
+    return result;
+}
+
+static PyObject *matmul_f32(PyObject *self, PyObject *args) {
+    (void)self;
+    int rows, cols, tokens, n_threads;
+    Py_ssize_t row_stride;
+    Py_buffer weights = {0}, x = {0}, out = {0};
+    if (!PyArg_ParseTuple(args, "y*niiy*iw*i", &weights, &row_stride, &rows, &cols, &x, &tokens, &out, &n_threads))
+        return NULL;
+    PyObject *result = NULL;
+    if (rows < 1 || cols < 1 || tokens < 1 || tokens > F32_MAX_TOKENS || row_stride < cols || !cpu_has_avx2()) {
+        PyErr_SetString(PyExc_ValueError, "bad shape, or no AVX2 here");
+        goto done;
+    }
+    if (check_length(&weights, sizeof(float) * ((size_t)(rows - 1) * row_stride + cols), "weights") ||
+        check_length(&x, sizeof(float) * (size_t)tokens * cols, "x") ||
+        check_length(&out, sizeof(float) * (size_t)tokens * rows, "out"))
+        goto done;
+    f32_product_t p = {weights.buf, row_stride, rows, cols, tokens, x.buf, out.buf};
+    Py_BEGIN_ALLOW_THREADS
+    pool_run(f32_part, &p, parts_for(n_threads, (rows + 7) / 8));
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&weights), PyBuffer_Release(&x), PyBuffer_Release(&out);
     return result;
 }
 
@@ -133,6 +147,8 @@ static PyObject *has_avx2(PyObject *self, PyObject *unused) {
 static PyMethodDef methods[] = {
     {"matmul", matmul, METH_VARARGS,
      "matmul(format, isa, weights, wscales, group_size, rows, cols, x, tokens, out, n_threads)"},
+    {"matmul_f32", matmul_f32, METH_VARARGS,
+     "matmul_f32(weights, row_stride, rows, cols, x, tokens, out, n_threads): float32, at most 8 tokens, AVX2"},
     {"dequantize", dequantize, METH_VARARGS,
      "dequantize(format, weights, wscales, group_size, rows, cols, out): rows expanded to float32"},
     {"cpu_has_avx2", has_avx2, METH_NOARGS, "Whether this CPU runs the AVX2+FMA+F16C kernels."},

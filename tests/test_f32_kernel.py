@@ -1,0 +1,72 @@
+"""The float32 decode kernel (kernels.matmul_f32) against float64, and the property serve's
+batching relies on: a token's output is the same bits alone and in a batch of up to 8."""
+
+import numpy as np
+import pytest
+
+from llmtp.common import kernels
+from llmtp.common.model.matrices import F32Matrix
+
+pytestmark = pytest.mark.skipif(not kernels.has_f32_kernel(),
+                                reason=f"no AVX2 float32 kernel here ({kernels.backend_info()})")
+
+# rows not a multiple of the 8-row block, columns not a multiple of the 8-lane vector, one row,
+# one column, and the shapes of a real layer
+SHAPES = [(1, 1), (1, 8), (3, 9), (7, 17), (9, 16), (31, 100), (2304, 768), (768, 2048)]
+
+
+def error_bound(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """A float32 sum of n products rounds by at most ~n units of 2^-24 of sum |w x|: each lane's
+    chain has cols/8 terms, then the 8 lanes, then the tail."""
+    terms = weights.shape[1] // 8 + 8 + weights.shape[1] % 8 + 2
+    return terms * 2.0 ** -24 * (np.abs(x.astype(np.float64)) @ np.abs(weights.astype(np.float64)).T)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 8])
+def test_matches_float64_within_rounding(shape, tokens):
+    rng = np.random.default_rng(shape[0] * 31 + tokens)
+    weights = rng.standard_normal(shape).astype(np.float32)
+    x = rng.standard_normal((tokens, shape[1])).astype(np.float32)
+    expected = x.astype(np.float64) @ weights.astype(np.float64).T
+    for n_threads in (1, 2, 3):
+        got = kernels.matmul_f32(weights, x, n_threads=n_threads)
+        assert got.shape == (tokens, shape[0])
+        assert np.all(np.abs(got - expected) <= error_bound(weights, x)), n_threads
+
+
+@pytest.mark.parametrize("shape", [(7, 17), (2304, 768), (100, 2048)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_a_token_gets_the_same_bits_alone_and_batched(shape):
+    rng = np.random.default_rng(5)
+    weights = rng.standard_normal(shape).astype(np.float32)
+    x = rng.standard_normal((8, shape[1])).astype(np.float32)
+    alone = np.concatenate([kernels.matmul_f32(weights, x[t:t + 1], n_threads=1) for t in range(8)])
+    for tokens in range(1, 9):
+        for n_threads in (1, 2):
+            np.testing.assert_array_equal(kernels.matmul_f32(weights, x[:tokens], n_threads=n_threads),
+                                          alone[:tokens])
+
+
+def test_the_matrix_type_uses_it_for_decode_and_blas_beyond():
+    rng = np.random.default_rng(6)
+    weights = rng.standard_normal((40, 24)).astype(np.float32)
+    matrix = F32Matrix(weights)
+    few = rng.standard_normal((kernels.F32_MAX_TOKENS, 24)).astype(np.float32)
+    np.testing.assert_array_equal(matrix.matmul(few), kernels.matmul_f32(weights, few))
+    many = rng.standard_normal((kernels.F32_MAX_TOKENS + 1, 24)).astype(np.float32)
+    np.testing.assert_array_equal(matrix.matmul(many), many @ weights.T)
+    strided = F32Matrix(weights)[:, ::2]  # not C-contiguous: BLAS takes it
+    np.testing.assert_array_equal(strided.matmul(few[:, :12]), few[:, :12] @ weights[:, ::2].T)
+
+
+@pytest.mark.parametrize("call", [
+    lambda w, x: kernels.matmul_f32(w.astype(np.float64), x),
+    lambda w, x: kernels.matmul_f32(w[:, ::2], x[:, :12]),
+    lambda w, x: kernels.matmul_f32(w, np.zeros((9, 24), np.float32)),
+    lambda w, x: kernels.matmul_f32(w, np.zeros((1, 23), np.float32)),
+    lambda w, x: kernels.matmul_f32(w, x, out=np.zeros((1, 39), np.float32)),
+], ids=["float64", "strided", "9 tokens", "wrong width", "wrong out"])
+def test_bad_calls_raise_value_error(call):
+    weights = np.ones((40, 24), np.float32)
+    with pytest.raises(ValueError):
+        call(weights, np.ones((1, 24), np.float32))
