@@ -15,6 +15,9 @@ products would regroup; so RunqOps sends the terms runq.c adds, (T, rows, G) wit
 group_size, each at its group's global index and zero elsewhere. The sum over workers then
 holds every term exactly (t + 0 = t) and `total` adds them in group order: runq.c's bits for any
 worker count, for a partial G times the product's size (stories260K: G = 16 for wo, 43 for w2).
+The process workers' exchanges (shm, star) carry (rows, dim) partials only, so a worker process
+asks for `ordered_sums=False`: its products are summed per worker, runq.c's order within each
+worker's groups only (stories260K's text then parts from runq.c's at byte 429 with 2 and 3 workers).
 """
 
 from dataclasses import dataclass, field
@@ -45,7 +48,7 @@ class NumpyOps:
     name = "numpy"
 
     @classmethod
-    def for_slice(cls, config: ModelConfig, spec: SliceSpec) -> "NumpyOps":
+    def for_slice(cls, config: ModelConfig, spec: SliceSpec, ordered_sums: bool = True) -> "NumpyOps":
         kv_groups = tuple(spec.kv_groups(config))
         return cls(config, kv_groups, rope_rotations(config.seq_len, config.head_dim, config.rope_theta),
                    _uniform_group_size(kv_groups))
@@ -96,15 +99,16 @@ class RunqOps:
 
     config: ModelConfig
     kv_of_head: np.ndarray = field(repr=False)
+    ordered_sums: bool  # partials carry per-group terms (any worker count gives runq.c's bits)
 
     name = "runq"
 
     @classmethod
-    def for_slice(cls, config: ModelConfig, spec: SliceSpec) -> "RunqOps":
+    def for_slice(cls, config: ModelConfig, spec: SliceSpec, ordered_sums: bool = True) -> "RunqOps":
         kv_of_head = np.empty(spec.n_heads_local, dtype=np.int32)
         for kv_local, first_head, stop_head in spec.kv_groups(config):
             kv_of_head[first_head:stop_head] = kv_local
-        return cls(config, kv_of_head)
+        return cls(config, kv_of_head, ordered_sums)
 
     def rmsnorm(self, x: np.ndarray, weight: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return kernels.runq_rmsnorm(x, weight, self.config.norm_eps, out=out)
@@ -120,11 +124,14 @@ class RunqOps:
         return kernels.runq_swiglu(np.array(gate, dtype=np.float32, order="C"), up)
 
     def partial(self, x: np.ndarray, weight: Matrix, first_col: int, total_cols: int) -> np.ndarray:
-        """(T, rows, G): runq.c's terms of this worker's groups, zero at the other workers'."""
+        """(T, rows, G): runq.c's terms of this worker's groups, zero at the other workers'
+        (without ordered_sums: this worker's product)."""
+        if not self.ordered_sums:
+            return weight.matmul(x)
         return weight.group_terms(x, first_col, total_cols)
 
     def total(self, reduced: np.ndarray) -> np.ndarray:
-        return kernels.runq_ordered_sum(reduced)
+        return kernels.runq_ordered_sum(reduced) if self.ordered_sums else reduced
 
 
 Numerics = NumpyOps | RunqOps
@@ -137,8 +144,10 @@ def storage_numerics(weights: ShardWeights) -> type[NumpyOps] | type[RunqOps]:
     return RunqOps if {matrix.type_tag for matrix in matrices} == {RUNQ_STORAGE} else NumpyOps
 
 
-def choose_numerics(config: ModelConfig, spec: SliceSpec, weights: ShardWeights) -> Numerics:
-    return storage_numerics(weights).for_slice(config, spec)
+def choose_numerics(config: ModelConfig, spec: SliceSpec, weights: ShardWeights,
+                    ordered_sums: bool = True) -> Numerics:
+    """ordered_sums=False where the all-reduce carries only (rows, dim) partials (worker processes)."""
+    return storage_numerics(weights).for_slice(config, spec, ordered_sums)
 
 
 def _uniform_group_size(kv_groups) -> int | None:

@@ -68,13 +68,15 @@ class KVCache:
 
 
 class SliceModel:
-    def __init__(self, config: ModelConfig, spec: SliceSpec, weights: ShardWeights, n_slots: int = 1):
+    def __init__(self, config: ModelConfig, spec: SliceSpec, weights: ShardWeights, n_slots: int = 1,
+                 ordered_sums: bool = True):
+        """ordered_sums: row-parallel partials may be larger than (rows, dim) (see numerics.py)."""
         self.config = config
         self.spec = spec
         self.weights = weights
         assert len(weights.layers) == spec.n_layers_local, (len(weights.layers), spec.layers)
         self.cache = KVCache(spec.n_layers_local, n_slots, spec.n_kv_heads_local, config.seq_len, config.head_dim)
-        self.numerics = choose_numerics(config, spec, weights)  # numpy's float order, or runq.c's
+        self.numerics = choose_numerics(config, spec, weights, ordered_sums)  # numpy's float order, or runq.c's
         # where this worker's columns of the row-parallel products (wo, w2) start, and how many there are
         self.wo_columns = (spec.heads[0] * config.head_dim, config.n_heads * config.head_dim)
         self.w2_columns = (spec.hidden[0], config.hidden_dim)
