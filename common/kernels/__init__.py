@@ -11,6 +11,9 @@ use_backend() switches at run time (tests). n_threads: default 1; n > 1 splits r
 pthreads created and joined per product. The Matrix types pass default_threads(), the
 count BLAS is given in this process, so a quantized model uses the cores its float32 twin
 would (a worker gets its share through OPENBLAS_NUM_THREADS, see local_cluster.py).
+
+Also runq.c's element-wise steps (runq_rmsnorm, runq_rope, runq_attention, runq_swiglu, and the
+per-group terms of its product with their ordered sum): common/model/numerics.py's llama2.c v2 op set.
 """
 
 import os
