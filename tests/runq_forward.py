@@ -5,8 +5,9 @@ as runq.c does, int32 group sums, runq.c's float order). The rest follows runq.c
 float32: sums that runq.c runs left to right (rmsnorm's sum of squares, attention scores,
 softmax's denominator, the weighted sum of values) are sequential here too (cumsum), and
 exp/cos/sin/pow are rounded once from float64 as glibc's expf/cosf/sinf/powf round.
-Written in the test because common/model's matmul expands int8 weights to float32; the lead
-plugs the kernel into the model's Q8 matrix type.
+The engine's runq.c op set (common/model/numerics.py, common/kernels' runq_* ops) is checked
+against runq.c's recorded text directly; this independent transliteration stays as the oracle
+of the logit-level tests.
 """
 
 import numpy as np

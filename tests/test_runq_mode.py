@@ -15,7 +15,7 @@ from llmtp.common.model.transformer import StepSequence
 from llmtp.coordinator.local_engine import LocalEngine
 
 from inproc_cluster import ThreadedCluster
-from runq_forward import RunqTransformer, greedy_stdout
+from runq_forward import PRINTED_BYTES, RunqTransformer, greedy_stdout
 
 STEPS_TRACED = 48
 # measured: stories260K 0.020-0.022 (0, 2, 3 workers), the random group-32 file 2e-6, group 64 0.074
@@ -72,7 +72,7 @@ def test_engine_logits_follow_runq(stories_v2, n_workers):
     the int8 weights to float32, as llmtp did before, gives 0.10-0.16 on these files, so this
     test alone does not tell the two apart: test_v2_matrix_multiplies_as_runq does. Token-for-token
     equality with runq.c over 256 tokens needs runq.c's float order in the norms and attention
-    too (stories260K's text parts at byte 535 in-process; not done)."""
+    too: test_engine_text_equals_runq checks that (the engine's runq.c op set, common/model/numerics.py)."""
     checkpoint, tokenizer = stories_v2
     ids, expected = runq_trace(checkpoint, tokenizer, STEPS_TRACED)
     engine = (LocalEngine(checkpoint.config, checkpoint.weights) if n_workers == 0 else
@@ -158,3 +158,95 @@ def test_v2_matrix_multiplies_as_runq(random_v2):
     x = np.random.default_rng(2).standard_normal((2, w2.shape[1])).astype(np.float32)
     expected = np.stack([runq_matmul(w2.values, w2.scales, w2.group_size, row) for row in x])
     np.testing.assert_array_equal(w2.matmul(x), expected)
+
+
+def engine_stdout(engine, tokenizer, prompt: str, steps: int) -> bytes:
+    """What runq.c would print for the engine's greedy run through `llmtp generate`'s loop
+    (coordinator/generate.py: the prompt as one prefill step, then one token per step), its
+    pieces filtered as runq.c's safe_printf filters them."""
+    from llmtp.common.model.sampler import Sampler, SamplerConfig
+    from llmtp.coordinator.generate import generate
+
+    ids = tokenizer.encode(prompt, bos=True)
+    printed, previous = [], [ids[0]]
+
+    def on_token(token: int) -> None:
+        piece = tokenizer.piece_bytes(token, previous[0])
+        previous[0] = token
+        if len(piece) != 1 or piece in PRINTED_BYTES:
+            printed.append(piece)
+
+    greedy = Sampler(SamplerConfig(temperature=0.0, topp=0.9, topk=0, seed=1))
+    generate(engine, greedy, ids, steps, on_token=on_token, stop_ids=tokenizer.stop_ids)
+    return b"".join(printed) + b"\n"
+
+
+def first_difference(got: bytes, expected: bytes) -> int | None:
+    return next((i for i, (a, b) in enumerate(zip(got + b"?", expected + b"!")) if a != b), None)
+
+
+def engine_for(config, weights, n_workers: int, group_size: int):
+    return (LocalEngine(config, weights) if n_workers == 0 else
+            ThreadedCluster(config, weights, n_workers, group_size))
+
+
+@pytest.mark.parametrize("backend", ["avx2", "portable", "numpy"])
+@pytest.mark.parametrize("n_workers", [0, 2, 3], ids=["in-process", "2 workers", "3 workers"])
+def test_engine_text_equals_runq(stories_v2, n_workers, backend):
+    """The engine (its runq.c op set, chosen from the v2 file's storage) prints runq.c's text byte
+    for byte for every recorded prompt, in process and over 2 and 3 workers (wo and w2 added in
+    runq.c's group order whatever the cut)."""
+    if backend not in kernels.available_backends():
+        pytest.skip(f"kernel backend {backend} not available here ({kernels.backend_info()})")
+    checkpoint, tokenizer = stories_v2
+    previous = kernels.use_backend(backend)
+    try:
+        for run in FIXTURE["runs"]:
+            engine = engine_for(checkpoint.config, checkpoint.weights, n_workers, checkpoint.group_size)
+            stdout = engine_stdout(engine, tokenizer, run["prompt"], run["steps"])
+            expected = bytes.fromhex(run["stdout_hex"])
+            assert stdout == expected, (run["prompt"], first_difference(stdout, expected))
+    finally:
+        kernels.use_backend(previous)
+
+
+@pytest.mark.parametrize("backend", ["avx2", "portable", "numpy"])
+def test_random_v2_engine_text_equals_runq(random_v2, backend):
+    """Groups of 32 and 64: the engine's text is runq.c's in process and over every worker count
+    the group size allows (cuttable_worker_counts)."""
+    from llmtp.common.model.quantize import cuttable_worker_counts
+
+    if backend not in kernels.available_backends():
+        pytest.skip(f"kernel backend {backend} not available here ({kernels.backend_info()})")
+    run, checkpoint, tokenizer = random_v2
+    counts = [0] + [n for n in cuttable_worker_counts(checkpoint.config, run["group_size"]) if n in (2, 3)]
+    previous = kernels.use_backend(backend)
+    try:
+        for n_workers in counts:
+            engine = engine_for(checkpoint.config, checkpoint.weights, n_workers, checkpoint.group_size)
+            stdout = engine_stdout(engine, tokenizer, run["prompt"], run["steps"])
+            expected = bytes.fromhex(run["stdout_hex"])
+            assert stdout == expected, (n_workers, first_difference(stdout, expected))
+    finally:
+        kernels.use_backend(previous)
+
+
+def test_v2_file_gets_runq_numerics_and_float32_the_default(stories_v2, stories260k):
+    from llmtp.common.formats.checkpoint import load_checkpoint
+    from llmtp.common.model.numerics import NumpyOps, RunqOps
+
+    checkpoint, _ = stories_v2
+    assert isinstance(LocalEngine(checkpoint.config, checkpoint.weights).model.numerics, RunqOps)
+    float32 = load_checkpoint(stories260k["model"])
+    assert isinstance(LocalEngine(float32.config, float32.weights).model.numerics, NumpyOps)
+
+
+def test_prefill_equals_token_by_token_in_runq_mode(stories_v2):
+    """runq.c has no batched path: a prompt prefilled in one step gives token-by-token's logits."""
+    checkpoint, tokenizer = stories_v2
+    ids = np.array(tokenizer.encode("Once upon a time there was", bos=True))
+    prefill = LocalEngine(checkpoint.config, checkpoint.weights).step(ids, [StepSequence(0, 0, len(ids))],
+                                                                      all_logits=True)
+    one_by_one = LocalEngine(checkpoint.config, checkpoint.weights)
+    steps = [one_by_one.step(ids[pos:pos + 1], [StepSequence(0, pos, 1)])[0] for pos in range(len(ids))]
+    np.testing.assert_array_equal(prefill, np.array(steps))

@@ -207,7 +207,9 @@ class Worker:
             self.attach_shared_memory(hello)
         if self.model is None or self.model.cache.n_slots != hello.n_slots:
             self.model = None  # the old cache goes before the new one is allocated
-            self.model = SliceModel(self.shard.config, self.shard.spec, self.shard.weights, hello.n_slots)
+            # the exchanges carry (rows, dim) partials only: no per-group terms (common/model/numerics.py)
+            self.model = SliceModel(self.shard.config, self.shard.spec, self.shard.weights, hello.n_slots,
+                                    ordered_sums=False)
         self.session = session
         if self.shard.spec.count == 1:
             session.exchange = NoExchange()

@@ -98,3 +98,78 @@ def dequantize_llama2c(values: np.ndarray, scales: np.ndarray, group_size: int, 
     grouped = values.reshape(rows, cols // group_size, group_size).astype(np.float32)
     out[...] = (grouped * scales.reshape(rows, -1, 1)).reshape(rows, cols)
     return out
+
+
+# ---- runq.c's element-wise steps (csrc/runq_ops.c) in numpy ----
+# float32 sums left to right are cumsum's (np.sum is pairwise); expf, cosf, sinf and powf are
+# computed in float64 and rounded once to float32. That is glibc's result at almost every
+# argument but not all: glibc's expf differs by one ulp at about 1 argument in 1500, cosf/sinf/
+# powf in RoPE at ~1% of values (tests/test_runq_ops.py). So under this backend the engine gives
+# runq.c's bits only where no such argument occurs (the recorded fixtures all match); the C ops,
+# which call glibc, always do. Sums, norms and the product's terms are bit for bit the C ones.
+
+F32 = np.float32
+
+
+def _rounded(function, x: np.ndarray) -> np.ndarray:
+    return function(np.asarray(x, dtype=np.float64)).astype(F32)
+
+
+def _sequential_sum(values: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.take(np.cumsum(values, axis=axis, dtype=F32), -1, axis=axis)
+
+
+def runq_rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray) -> np.ndarray:
+    ss = _sequential_sum(x * x) / F32(x.shape[-1]) + F32(eps)
+    ss = F32(1.0) / np.sqrt(ss)
+    np.multiply(weight, ss[:, None] * x, out=out)
+    return out
+
+
+def runq_rope(vec: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
+    head_size = vec.shape[-1]
+    exponent = np.arange(0, head_size, 2).astype(F32) / F32(head_size)
+    freq = F32(1.0) / _rounded(lambda e: np.power(np.float64(F32(theta)), e), exponent)
+    val = positions.astype(F32)[:, None] * freq[None, :]  # (T, D/2)
+    fcr, fci = _rounded(np.cos, val)[:, None, :], _rounded(np.sin, val)[:, None, :]
+    v0, v1 = vec[..., 0::2].copy(), vec[..., 1::2].copy()
+    vec[..., 0::2] = v0 * fcr - v1 * fci
+    vec[..., 1::2] = v0 * fci + v1 * fcr
+    return vec
+
+
+def runq_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, kv_of_head: np.ndarray,
+                   positions: np.ndarray, out: np.ndarray) -> np.ndarray:
+    head_size = q.shape[-1]
+    for t, position in enumerate(positions):
+        for h, kv in enumerate(kv_of_head):
+            seen_keys, seen_values = keys[kv, :position + 1], values[kv, :position + 1]
+            att = _sequential_sum(q[t, h][None, :] * seen_keys) / np.sqrt(F32(head_size))
+            att = _rounded(np.exp, att - att.max())
+            att = att / _sequential_sum(att)
+            out[t, h] = _sequential_sum(att[:, None] * seen_values, axis=0)
+    return out
+
+
+def runq_swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    gate[...] = gate * (F32(1.0) / (F32(1.0) + _rounded(np.exp, -gate))) * up
+    return gate
+
+
+def runq_group_terms(values: np.ndarray, scales: np.ndarray, group_size: int, x: np.ndarray, first_group: int,
+                     terms: np.ndarray) -> np.ndarray:
+    rows, cols = values.shape
+    groups = cols // group_size
+    xq, xs = quantize_blocks(x, group_size, runq_rule=True)
+    xq = xq.reshape(-1, groups, group_size).astype(np.int32)
+    wscales = scales.reshape(rows, groups)
+    for start in range(0, rows, ROWS_PER_CHUNK):
+        chunk = values[start:start + ROWS_PER_CHUNK].reshape(-1, groups, group_size).astype(np.int32)
+        ival = np.einsum("rgk,tgk->trg", chunk, xq).astype(F32)
+        ws = wscales[start:start + ROWS_PER_CHUNK]
+        terms[:, start:start + len(chunk), first_group:first_group + groups] = (ival * ws[None]) * xs[:, None, :]
+    return terms
+
+
+def runq_ordered_sum(terms: np.ndarray) -> np.ndarray:
+    return _sequential_sum(terms)

@@ -53,6 +53,14 @@ class GroupedQ8Matrix(Matrix):
         return kernels.matmul_llama2c_q8(self.values, self.scales, self.group_size, x,
                                          n_threads=kernels.threads())
 
+    def group_terms(self, x: np.ndarray, first_col: int, total_cols: int) -> np.ndarray:
+        """The terms runq.c's matmul adds for these columns, one per group, placed among
+        total_cols / group_size groups from first_col / group_size on (zero elsewhere):
+        (T, rows, total_cols / group_size). kernels.runq_ordered_sum of them is matmul(x)."""
+        assert first_col % self.group_size == 0 and total_cols % self.group_size == 0, (first_col, total_cols)
+        return kernels.runq_group_terms(self.values, self.scales, self.group_size, x,
+                                        first_col // self.group_size, total_cols // self.group_size)
+
     def dequantize(self, out: np.ndarray | None = None) -> np.ndarray:
         rows, cols = self.values.shape
         if out is None:

@@ -2,7 +2,9 @@
 
 The step reads top to bottom like run.c's forward(), except that the two sums of
 row-parallel outputs (after wo, after w2) go through `allreduce`: the identity for
-one process, a round trip to the coordinator for a worker.
+one process, a round trip to the coordinator for a worker. Its arithmetic is one op set
+(common/model/numerics.py) chosen at load from the weights' storage: numpy's, or runq.c's
+for a llama2.c version 2 file.
 """
 
 from dataclasses import dataclass
@@ -14,7 +16,7 @@ from .blas_threads import BlasThreads
 from .config import ModelConfig
 from llmtp.common.errors import ProtocolError
 from .matrices import Matrix, stack_rows
-from .ops import apply_rope, attention, rmsnorm, rope_rotations, silu
+from .numerics import choose_numerics
 from .split import SliceSpec
 from .weights import ShardWeights
 
@@ -66,15 +68,18 @@ class KVCache:
 
 
 class SliceModel:
-    def __init__(self, config: ModelConfig, spec: SliceSpec, weights: ShardWeights, n_slots: int = 1):
+    def __init__(self, config: ModelConfig, spec: SliceSpec, weights: ShardWeights, n_slots: int = 1,
+                 ordered_sums: bool = True):
+        """ordered_sums: row-parallel partials may be larger than (rows, dim) (see numerics.py)."""
         self.config = config
         self.spec = spec
         self.weights = weights
         assert len(weights.layers) == spec.n_layers_local, (len(weights.layers), spec.layers)
         self.cache = KVCache(spec.n_layers_local, n_slots, spec.n_kv_heads_local, config.seq_len, config.head_dim)
-        self.rope_rotations = rope_rotations(config.seq_len, config.head_dim, config.rope_theta)
-        self.kv_groups = spec.kv_groups(config)
-        self.heads_per_kv_head = _uniform_group_size(self.kv_groups)
+        self.numerics = choose_numerics(config, spec, weights, ordered_sums)  # numpy's float order, or runq.c's
+        # where this worker's columns of the row-parallel products (wo, w2) start, and how many there are
+        self.wo_columns = (spec.heads[0] * config.head_dim, config.n_heads * config.head_dim)
+        self.w2_columns = (spec.hidden[0], config.hidden_dim)
         # q, k, v and then w1, w3 as one product each where their storage lies back to back
         self.stacked_qkv = [stack_rows([layer.wq, layer.wk, layer.wv]) for layer in weights.layers]
         self.stacked_w13 = [stack_rows([layer.w1, layer.w3]) for layer in weights.layers]
@@ -98,20 +103,21 @@ class SliceModel:
                                     for s in sequences])
         x = np.array(x, dtype=np.float32)  # the residual stream, added to in place (the input may be read-only)
         for layer_index in range(self.spec.n_layers_local):  # indices into this slice's layers
-            x += allreduce(self.attention_partial(layer_index, x, sequences, positions))
-            x += allreduce(self.ffn_partial(layer_index, x))
+            x += self.numerics.total(allreduce(self.attention_partial(layer_index, x, sequences, positions)))
+            x += self.numerics.total(allreduce(self.ffn_partial(layer_index, x)))
         if not all_logits:
             last_rows = np.cumsum([s.n_tokens for s in sequences]) - 1
             x = x[last_rows]
-        x = rmsnorm(x, self.weights.final_norm, self.config.norm_eps)
+        x = self.numerics.rmsnorm(x, self.weights.final_norm)
         return self.matmul(x, self.weights.classifier)
 
     def attention_partial(self, layer_index: int, x: np.ndarray, sequences: Sequence[StepSequence],
                           positions: np.ndarray) -> np.ndarray:
-        """This worker's heads' contribution to the attention output, before the sum over workers."""
+        """This worker's heads' contribution to the attention output, before the sum over workers
+        (numerics.total of the sum is the output)."""
         layer = self.weights.layers[layer_index]
         n_tokens, head_dim = x.shape[0], self.config.head_dim
-        h = rmsnorm(x, layer.attn_norm, self.config.norm_eps, out=self.norm_buffer(n_tokens))
+        h = self.numerics.rmsnorm(x, layer.attn_norm, out=self.norm_buffer(n_tokens))
         wqkv = self.stacked_qkv[layer_index]
         if wqkv is not None:  # one product for q, k and v
             qkv = wqkv.matmul(h)
@@ -122,8 +128,7 @@ class SliceModel:
         q = q.reshape(n_tokens, self.spec.n_heads_local, head_dim)
         k = k.reshape(n_tokens, self.spec.n_kv_heads_local, head_dim)
         v = v.reshape(n_tokens, self.spec.n_kv_heads_local, head_dim)
-        rotations = self.rope_rotations[positions]
-        q, k = apply_rope(q, rotations), apply_rope(k, rotations)
+        q, k = self.numerics.rope(q, positions), self.numerics.rope(k, positions)
 
         heads_out = np.empty_like(q)  # (T, n_heads_local, head_dim)
         row = 0
@@ -134,34 +139,23 @@ class SliceModel:
             cached_values = self.cache.values[layer_index, seq.slot]
             cached_keys[:, seq.start_position:end] = k[rows].transpose(1, 0, 2)
             cached_values[:, seq.start_position:end] = v[rows].transpose(1, 0, 2)
-            if self.heads_per_kv_head:  # every kv head serves as many query heads: one batched call
-                n_kv, group = self.spec.n_kv_heads_local, self.heads_per_kv_head
-                q_grouped = q[rows].transpose(1, 0, 2).reshape(n_kv, group, seq.n_tokens, head_dim)
-                out = attention(q_grouped, cached_keys[:, :end], cached_values[:, :end], seq.start_position)
-                heads_out[rows] = out.reshape(-1, seq.n_tokens, head_dim).transpose(1, 0, 2)
-            else:  # a cut through a group left this worker uneven groups: one call per kv head
-                for kv_local, first_head, stop_head in self.kv_groups:
-                    q_group = q[rows, first_head:stop_head].transpose(1, 0, 2)  # (H_group, T_seq, D)
-                    out = attention(q_group, cached_keys[kv_local, :end], cached_values[kv_local, :end],
-                                    seq.start_position)
-                    heads_out[rows, first_head:stop_head] = out.transpose(1, 0, 2)
+            heads_out[rows] = self.numerics.attention(q[rows], cached_keys, cached_values, seq.start_position)
             row += seq.n_tokens
-        return self.matmul(heads_out.reshape(n_tokens, -1), layer.wo)
+        return self.numerics.partial(heads_out.reshape(n_tokens, -1), layer.wo, *self.wo_columns)
 
     def ffn_partial(self, layer_index: int, x: np.ndarray) -> np.ndarray:
-        """SwiGLU over this worker's FFN units, before the sum over workers."""
+        """SwiGLU over this worker's FFN units, before the sum over workers (numerics.total of the
+        sum is the output)."""
         layer = self.weights.layers[layer_index]
-        h = rmsnorm(x, layer.ffn_norm, self.config.norm_eps, out=self.norm_buffer(x.shape[0]))
+        h = self.numerics.rmsnorm(x, layer.ffn_norm, out=self.norm_buffer(x.shape[0]))
         w13 = self.stacked_w13[layer_index]
         if w13 is not None:  # one product for both halves of SwiGLU
             both = w13.matmul(h)
             hidden = layer.w1.shape[0]
-            gate = silu(both[:, :hidden])
-            gate *= both[:, hidden:]
+            gate = self.numerics.swiglu(both[:, :hidden], both[:, hidden:])
         else:
-            gate = silu(self.matmul(h, layer.w1))
-            gate *= self.matmul(h, layer.w3)
-        return self.matmul(gate, layer.w2)
+            gate = self.numerics.swiglu(self.matmul(h, layer.w1), self.matmul(h, layer.w3))
+        return self.numerics.partial(gate, layer.w2, *self.w2_columns)
 
     def norm_buffer(self, n_rows: int) -> np.ndarray:
         """Where a layer's normed input goes: one array per step size, reused by every layer of
@@ -191,10 +185,3 @@ class SliceModel:
                 raise ProtocolError(f"positions {seq.start_position}..{seq.start_position + seq.n_tokens - 1} "
                                     f"outside the context 0..{self.config.seq_len - 1}")
 
-
-def _uniform_group_size(kv_groups: list[tuple[int, int, int]]) -> int | None:
-    """The number of query heads per kv head when every local kv head g serves the same
-    number of consecutive local query heads starting at g * that number, else None."""
-    size = kv_groups[0][2] - kv_groups[0][1]
-    uniform = all(first == kv_local * size and stop - first == size for kv_local, first, stop in kv_groups)
-    return size if uniform else None

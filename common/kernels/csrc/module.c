@@ -11,6 +11,7 @@
 #include "dot.h"
 #include "f32.h"
 #include "pool.h"
+#include "runq_ops.h"
 
 /* Rows split evenly over the pool's threads; part i of n computes its share of the rows. */
 static void quantized_part(void *context, int index, int count) {
@@ -144,6 +145,172 @@ static PyObject *has_avx2(PyObject *self, PyObject *unused) {
     return PyBool_FromLong(cpu_has_avx2());
 }
 
+/* ---- runq.c's element-wise steps (runq_ops.c); kernels/__init__.py checks dtypes and shapes ---- */
+
+static PyObject *py_runq_rmsnorm(PyObject *self, PyObject *args) {
+    (void)self;
+    int rows, size;
+    float eps;
+    Py_buffer x = {0}, weight = {0}, out = {0};
+    if (!PyArg_ParseTuple(args, "y*y*w*iif", &x, &weight, &out, &rows, &size, &eps)) return NULL;
+    PyObject *result = NULL;
+    size_t n = sizeof(float) * (size_t)rows * size;
+    if (rows < 0 || size < 1 || check_length(&x, n, "x") || check_length(&weight, sizeof(float) * size, "weight") ||
+        check_length(&out, n, "out"))
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    runq_rmsnorm(out.buf, x.buf, weight.buf, rows, size, eps);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&x), PyBuffer_Release(&weight), PyBuffer_Release(&out);
+    return result;
+}
+
+static PyObject *py_runq_rope(PyObject *self, PyObject *args) {
+    (void)self;
+    int tokens, n_heads, head_size;
+    float theta;
+    Py_buffer vec = {0}, positions = {0};
+    if (!PyArg_ParseTuple(args, "w*y*iiif", &vec, &positions, &tokens, &n_heads, &head_size, &theta)) return NULL;
+    PyObject *result = NULL;
+    if (tokens < 0 || n_heads < 0 || head_size < 2 || head_size % 2 ||
+        check_length(&vec, sizeof(float) * (size_t)tokens * n_heads * head_size, "vec") ||
+        check_length(&positions, sizeof(int32_t) * (size_t)tokens, "positions"))
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    runq_rope(vec.buf, tokens, n_heads, head_size, positions.buf, theta);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&vec), PyBuffer_Release(&positions);
+    return result;
+}
+
+static PyObject *py_runq_attention(PyObject *self, PyObject *args) {
+    (void)self;
+    int tokens, n_heads, head_size, n_kv, stride;
+    Py_buffer out = {0}, q = {0}, keys = {0}, values = {0}, kv_of_head = {0}, positions = {0};
+    if (!PyArg_ParseTuple(args, "w*y*y*y*y*y*iiiii", &out, &q, &keys, &values, &kv_of_head, &positions, &tokens,
+                          &n_heads, &head_size, &n_kv, &stride))
+        return NULL;
+    PyObject *result = NULL;
+    float *att = NULL;
+    size_t qn = sizeof(float) * (size_t)tokens * n_heads * head_size, kvn = sizeof(float) * (size_t)n_kv * stride * head_size;
+    if (tokens < 1 || n_heads < 1 || head_size < 1 || n_kv < 1 || stride < 1 || check_length(&out, qn, "out") ||
+        check_length(&q, qn, "q") || check_length(&keys, kvn, "keys") || check_length(&values, kvn, "values") ||
+        check_length(&kv_of_head, sizeof(int32_t) * n_heads, "kv_of_head") ||
+        check_length(&positions, sizeof(int32_t) * (size_t)tokens, "positions"))
+        goto done;
+    for (int h = 0; h < n_heads; h++)
+        if (((const int32_t *)kv_of_head.buf)[h] < 0 || ((const int32_t *)kv_of_head.buf)[h] >= n_kv) {
+            PyErr_SetString(PyExc_ValueError, "kv_of_head outside the kv heads");
+            goto done;
+        }
+    for (int t = 0; t < tokens; t++)
+        if (((const int32_t *)positions.buf)[t] < 0 || ((const int32_t *)positions.buf)[t] >= stride) {
+            PyErr_SetString(PyExc_ValueError, "position outside the cache");
+            goto done;
+        }
+    att = malloc(sizeof(float) * stride);
+    if (!att) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    runq_attention(out.buf, q.buf, keys.buf, values.buf, att, tokens, n_heads, head_size, kv_of_head.buf, stride,
+                   positions.buf);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    free(att);
+    PyBuffer_Release(&out), PyBuffer_Release(&q), PyBuffer_Release(&keys), PyBuffer_Release(&values);
+    PyBuffer_Release(&kv_of_head), PyBuffer_Release(&positions);
+    return result;
+}
+
+static PyObject *py_runq_swiglu(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_ssize_t n;
+    Py_buffer gate = {0}, up = {0};
+    if (!PyArg_ParseTuple(args, "w*y*n", &gate, &up, &n)) return NULL;
+    PyObject *result = NULL;
+    if (n < 0 || check_length(&gate, sizeof(float) * (size_t)n, "gate") || check_length(&up, sizeof(float) * (size_t)n, "up"))
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    runq_swiglu(gate.buf, up.buf, (size_t)n);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&gate), PyBuffer_Release(&up);
+    return result;
+}
+
+static PyObject *py_runq_group_terms(PyObject *self, PyObject *args) {
+    (void)self;
+    int rows, cols, tokens, group_size, first_group, total_groups;
+    Py_buffer terms = {0}, weights = {0}, wscales = {0}, x = {0};
+    if (!PyArg_ParseTuple(args, "w*y*y*y*iiiiii", &terms, &weights, &wscales, &x, &rows, &cols, &tokens, &group_size,
+                          &first_group, &total_groups))
+        return NULL;
+    PyObject *result = NULL;
+    int8_t *xq = NULL;
+    float *xscale = NULL;
+    if (rows < 1 || cols < 1 || tokens < 1 || group_size < 1 || cols % group_size || first_group < 0 ||
+        first_group + cols / group_size > total_groups) {
+        PyErr_SetString(PyExc_ValueError, "bad shape or group range");
+        goto done;
+    }
+    if (check_length(&terms, sizeof(float) * (size_t)tokens * rows * total_groups, "terms") ||
+        check_length(&weights, (size_t)rows * cols, "weights") ||
+        check_length(&wscales, sizeof(float) * (size_t)rows * (cols / group_size), "scales") ||
+        check_length(&x, sizeof(float) * (size_t)tokens * cols, "x"))
+        goto done;
+    xq = malloc((size_t)tokens * cols);
+    xscale = malloc(sizeof(float) * (size_t)tokens * (cols / group_size));
+    if (!xq || !xscale) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    product_t p = {FMT_LLAMA2C_Q8, ISA_PORTABLE, weights.buf, wscales.buf, (size_t)cols, rows, cols, tokens,
+                   group_size, xq, xscale, NULL, NULL};
+    Py_BEGIN_ALLOW_THREADS
+    quantize_activations(&p, x.buf, xq, xscale, NULL);
+    runq_group_terms(terms.buf, weights.buf, wscales.buf, xq, xscale, rows, cols, tokens, group_size, first_group,
+                     total_groups);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    free(xq), free(xscale);
+    PyBuffer_Release(&terms), PyBuffer_Release(&weights), PyBuffer_Release(&wscales), PyBuffer_Release(&x);
+    return result;
+}
+
+static PyObject *py_runq_ordered_sum(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_ssize_t n;
+    int groups;
+    Py_buffer out = {0}, terms = {0};
+    if (!PyArg_ParseTuple(args, "w*y*ni", &out, &terms, &n, &groups)) return NULL;
+    PyObject *result = NULL;
+    if (n < 0 || groups < 1 || check_length(&out, sizeof(float) * (size_t)n, "out") ||
+        check_length(&terms, sizeof(float) * (size_t)n * groups, "terms"))
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    runq_ordered_sum(out.buf, terms.buf, (size_t)n, groups);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&out), PyBuffer_Release(&terms);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"matmul", matmul, METH_VARARGS,
      "matmul(format, isa, weights, wscales, group_size, rows, cols, x, tokens, out, n_threads)"},
@@ -151,6 +318,14 @@ static PyMethodDef methods[] = {
      "matmul_f32(weights, row_stride, rows, cols, x, tokens, out, n_threads): float32, at most 8 tokens, AVX2"},
     {"dequantize", dequantize, METH_VARARGS,
      "dequantize(format, weights, wscales, group_size, rows, cols, out): rows expanded to float32"},
+    {"runq_rmsnorm", py_runq_rmsnorm, METH_VARARGS, "runq_rmsnorm(x, weight, out, rows, size, eps)"},
+    {"runq_rope", py_runq_rope, METH_VARARGS, "runq_rope(vec, positions, tokens, n_heads, head_size, theta)"},
+    {"runq_attention", py_runq_attention, METH_VARARGS,
+     "runq_attention(out, q, keys, values, kv_of_head, positions, tokens, n_heads, head_size, n_kv, stride)"},
+    {"runq_swiglu", py_runq_swiglu, METH_VARARGS, "runq_swiglu(gate, up, n)"},
+    {"runq_group_terms", py_runq_group_terms, METH_VARARGS,
+     "runq_group_terms(terms, weights, wscales, x, rows, cols, tokens, group_size, first_group, total_groups)"},
+    {"runq_ordered_sum", py_runq_ordered_sum, METH_VARARGS, "runq_ordered_sum(out, terms, n, groups)"},
     {"cpu_has_avx2", has_avx2, METH_NOARGS, "Whether this CPU runs the AVX2+FMA+F16C kernels."},
     {NULL, NULL, 0, NULL},
 };

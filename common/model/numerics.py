@@ -1,0 +1,158 @@
+"""Which float order a SliceModel's step rounds in: one op set, chosen once at load from the
+weights' storage (`choose_numerics`), used by every step of the single-process engine and of
+every worker alike.
+
+- NumpyOps, the default: common/model/ops.py (numpy's pairwise sums, BLAS attention, a RoPE
+  table), fast and within float32 rounding of run.c.
+- RunqOps, for a llama2.c version 2 file (every matrix a GroupedQ8Matrix): runq.c's own order
+  and rounding (common/kernels' runq_* ops: sums left to right, glibc's expf/cosf/sinf/powf,
+  RoPE angles per position), so the engine's greedy text is runq.c's token for token.
+
+Each op set also says how a row-parallel product (wo, w2: `Y = sum_w X_w A_w^T`) is split into
+what a worker sends (`partial`) and what the reduced sum becomes (`total`). NumpyOps sends the
+worker's product. runq.c adds its groups of columns left to right, which a sum of per-worker
+products would regroup; so RunqOps sends the terms runq.c adds, (T, rows, G) with G = columns /
+group_size, each at its group's global index and zero elsewhere. The sum over workers then
+holds every term exactly (t + 0 = t) and `total` adds them in group order: runq.c's bits for any
+worker count, for a partial G times the product's size (stories260K: G = 16 for wo, 43 for w2).
+The process workers' exchanges (shm, star) carry (rows, dim) partials only, so a worker process
+asks for `ordered_sums=False`: its products are summed per worker, runq.c's order within each
+worker's groups only (stories260K's text then parts from runq.c's at byte 429 with 2 and 3 workers).
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import llmtp.common.kernels as kernels
+
+from .config import ModelConfig
+from .matrices import Matrix
+from .ops import apply_rope, attention, rmsnorm, rope_rotations, silu
+from .q8_grouped import GroupedQ8Matrix
+from .split import SliceSpec
+from .weights import ShardWeights
+
+RUNQ_STORAGE = GroupedQ8Matrix.type_tag  # llama2.c version 2: every matrix int8 in groups
+
+
+@dataclass(frozen=True)
+class NumpyOps:
+    """common/model/ops.py's arithmetic. kv_groups: (local kv head, first, stop local query head)."""
+
+    config: ModelConfig
+    kv_groups: tuple[tuple[int, int, int], ...]
+    rotations: np.ndarray = field(repr=False)  # (seq_len, head_dim / 2) complex64
+    heads_per_kv_head: int | None  # set when every local kv head serves as many query heads
+
+    name = "numpy"
+
+    @classmethod
+    def for_slice(cls, config: ModelConfig, spec: SliceSpec, ordered_sums: bool = True) -> "NumpyOps":
+        kv_groups = tuple(spec.kv_groups(config))
+        return cls(config, kv_groups, rope_rotations(config.seq_len, config.head_dim, config.rope_theta),
+                   _uniform_group_size(kv_groups))
+
+    def rmsnorm(self, x: np.ndarray, weight: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return rmsnorm(x, weight, self.config.norm_eps, out=out)
+
+    def rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """x: (T, H, D) -> rotated (T, H, D)."""
+        return apply_rope(x, self.rotations[positions])
+
+    def attention(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, start_position: int) -> np.ndarray:
+        """q: (T, H_local, D) of one sequence at start_position..; keys, values: its slot's cache
+        (n_kv_local, seq_len, D). Returns (T, H_local, D)."""
+        n_tokens, head_dim = q.shape[0], q.shape[2]
+        end = start_position + n_tokens
+        keys, values = keys[:, :end], values[:, :end]
+        if self.heads_per_kv_head:  # every kv head serves as many query heads: one batched call
+            n_kv, group = keys.shape[0], self.heads_per_kv_head
+            q_grouped = q.transpose(1, 0, 2).reshape(n_kv, group, n_tokens, head_dim)
+            out = attention(q_grouped, keys, values, start_position)
+            return out.reshape(-1, n_tokens, head_dim).transpose(1, 0, 2)
+        heads_out = np.empty_like(q)  # a cut through a group left uneven groups: one call per kv head
+        for kv_local, first_head, stop_head in self.kv_groups:
+            out = attention(q[:, first_head:stop_head].transpose(1, 0, 2), keys[kv_local], values[kv_local],
+                            start_position)
+            heads_out[:, first_head:stop_head] = out.transpose(1, 0, 2)
+        return heads_out
+
+    def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        """silu(gate) * up, (T, hidden_local)."""
+        out = silu(gate)
+        out *= up
+        return out
+
+    def partial(self, x: np.ndarray, weight: Matrix, first_col: int, total_cols: int) -> np.ndarray:
+        """This worker's share of a row-parallel product: its columns first_col.. of total_cols."""
+        return weight.matmul(x)
+
+    def total(self, reduced: np.ndarray) -> np.ndarray:
+        """The sum over workers of `partial` -> the product (T, rows)."""
+        return reduced
+
+
+@dataclass(frozen=True)
+class RunqOps:
+    """runq.c's arithmetic (kernels.runq_*). kv_of_head: the local kv head of each local query head."""
+
+    config: ModelConfig
+    kv_of_head: np.ndarray = field(repr=False)
+    ordered_sums: bool  # partials carry per-group terms (any worker count gives runq.c's bits)
+
+    name = "runq"
+
+    @classmethod
+    def for_slice(cls, config: ModelConfig, spec: SliceSpec, ordered_sums: bool = True) -> "RunqOps":
+        kv_of_head = np.empty(spec.n_heads_local, dtype=np.int32)
+        for kv_local, first_head, stop_head in spec.kv_groups(config):
+            kv_of_head[first_head:stop_head] = kv_local
+        return cls(config, kv_of_head, ordered_sums)
+
+    def rmsnorm(self, x: np.ndarray, weight: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return kernels.runq_rmsnorm(x, weight, self.config.norm_eps, out=out)
+
+    def rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        return kernels.runq_rope(np.array(x, dtype=np.float32, order="C"), positions, self.config.rope_theta)
+
+    def attention(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, start_position: int) -> np.ndarray:
+        positions = np.arange(start_position, start_position + q.shape[0])
+        return kernels.runq_attention(q, keys, values, self.kv_of_head, positions)
+
+    def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        return kernels.runq_swiglu(np.array(gate, dtype=np.float32, order="C"), up)
+
+    def partial(self, x: np.ndarray, weight: Matrix, first_col: int, total_cols: int) -> np.ndarray:
+        """(T, rows, G): runq.c's terms of this worker's groups, zero at the other workers'
+        (without ordered_sums: this worker's product)."""
+        if not self.ordered_sums:
+            return weight.matmul(x)
+        return weight.group_terms(x, first_col, total_cols)
+
+    def total(self, reduced: np.ndarray) -> np.ndarray:
+        return kernels.runq_ordered_sum(reduced) if self.ordered_sums else reduced
+
+
+Numerics = NumpyOps | RunqOps
+
+
+def storage_numerics(weights: ShardWeights) -> type[NumpyOps] | type[RunqOps]:
+    """RunqOps when every matrix is stored as llama2.c version 2 stores it, else NumpyOps."""
+    matrices = [weights.classifier] + [getattr(layer, name) for layer in weights.layers
+                                       for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")]
+    return RunqOps if {matrix.type_tag for matrix in matrices} == {RUNQ_STORAGE} else NumpyOps
+
+
+def choose_numerics(config: ModelConfig, spec: SliceSpec, weights: ShardWeights,
+                    ordered_sums: bool = True) -> Numerics:
+    """ordered_sums=False where the all-reduce carries only (rows, dim) partials (worker processes)."""
+    return storage_numerics(weights).for_slice(config, spec, ordered_sums)
+
+
+def _uniform_group_size(kv_groups) -> int | None:
+    """The number of query heads per kv head when every local kv head g serves the same
+    number of consecutive local query heads starting at g * that number, else None."""
+    size = kv_groups[0][2] - kv_groups[0][1]
+    uniform = all(first == kv_local * size and stop - first == size for kv_local, first, stop in kv_groups)
+    return size if uniform else None
