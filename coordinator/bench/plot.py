@@ -19,7 +19,7 @@ def plot_report(report: BenchReport, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    ours = [r for r in report.results if r.engine != HF_LABEL and not is_contended(r)]  # quiet rows
+    ours = [r for r in report.results if r.engine != HF_LABEL and not r.program and not is_contended(r)]  # quiet rows
     labels = [r.engine for r in ours]
     figure, (speed, split) = plt.subplots(1, 2, figsize=(12, 4.5))
     workers = sorted((r for r in ours if r.n_workers > 0), key=lambda r: r.n_workers)
@@ -28,9 +28,9 @@ def plot_report(report: BenchReport, path: Path) -> bool:
     speed.plot(counts, [report.limit_of(r) for r in workers], "s--", color="red",
                label="limit: weights / what their cores stream")
     for r in report.results:
-        if r.n_workers == 0:
+        if r.n_workers == 0 and not (r.program and is_contended(r)):
             style = {"color": "gray", "linestyle": ":"} if r.engine == HF_LABEL else \
-                {"color": "green", "linestyle": "-."}
+                {"color": "orange", "linestyle": "--"} if r.program else {"color": "green", "linestyle": "-."}
             speed.axhline(r.decode_tokens_per_s, label=f"{r.engine} ({r.cores} cores)", **style)
     speed.set_xticks(counts, [f"{r.n_workers} ({r.cores} core{'s' if r.cores > 1 else ''})" for r in workers])
     speed.set_xlabel("workers (cores)")

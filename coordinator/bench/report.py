@@ -6,7 +6,8 @@ from pathlib import Path
 
 from .contention import contention_lines, is_contended
 from .plot import plot_report
-from .results import BenchReport, EngineResult, MachineLimits
+from .llama2c_report import llama2c_lines
+from .results import BenchReport, EngineResult, FirstTokenResult, MachineLimits, Ratio
 
 
 def format_rate(value: float) -> str:
@@ -37,7 +38,7 @@ def format_report(report: BenchReport) -> str:
                      f"{report.limit_of(r):>8.1f}{100 * report.share_of_limit(r):>10.0f}%"
                      f"{r.decode_step_ms:>9.2f}{r.math_ms:>8.2f}{r.sync_wait_ms:>8.2f}{r.coordinator_ms:>8.2f}"
                      f"{per_sync:>12}{ratio:>9}{overhead:>26}")
-    lines += scaling_lines(report) + quant_lines(report) + contention_lines(report)
+    lines += scaling_lines(report) + quant_lines(report) + contention_lines(report) + llama2c_lines(report)
     if report.gemm_gflops:
         config = report.config
         kernels = ", ".join(f"{library} {format_rate(gflops)} GFLOPS"
@@ -52,17 +53,18 @@ def format_report(report: BenchReport) -> str:
 def quant_lines(report: BenchReport) -> list[str]:
     """`bench --quant`: each quantized row against the source's row of the same engine, and each
     quantization's worker rows against its own in-process row."""
-    source = {r.engine: r for r in report.results if not r.variant}
-    alone = {r.variant: r for r in report.results if r.variant and r.n_workers == 0}
+    ours = [r for r in report.results if not r.program]  # llama2.c's rows: llama2c_report.py
+    source = {r.engine: r for r in ours if not r.variant}
+    alone = {r.variant: r for r in ours if r.variant and r.n_workers == 0}
     lines = []
-    for r in (r for r in report.results if r.variant):
+    for r in (r for r in ours if r.variant):
         base = source.get(r.engine.removesuffix(f" {r.variant}"))
         if base is not None:
             lines.append(f"{r.engine} / {base.engine}: decode {r.decode_tokens_per_s / base.decode_tokens_per_s:.2f}x, "
                          f"prefill {r.prefill_tokens_per_s / base.prefill_tokens_per_s:.2f}x, bytes per token "
                          f"{_mb(report, r) / _mb(report, base):.3f}x; {100 * report.share_of_limit(r):.0f}% of its "
                          f"own limit")
-    for r in (r for r in report.results if r.variant and r.n_workers > 1 and r.variant in alone):
+    for r in (r for r in ours if r.variant and r.n_workers > 1 and r.variant in alone):
         lines.append(f"{r.engine} / {alone[r.variant].engine}: decode "
                      f"{r.decode_tokens_per_s / alone[r.variant].decode_tokens_per_s:.2f}x")
     return [""] + lines if lines else []
@@ -94,7 +96,10 @@ def load_report(path: Path) -> BenchReport:
     limits = data.pop("limits")
     limits["bandwidth_gbs"] = {int(cores): gbs for cores, gbs in limits["bandwidth_gbs"].items()}
     results = [EngineResult(**row) for row in data.pop("results")]
-    return BenchReport(limits=MachineLimits(**limits), results=results, **data)
+    first_token = [FirstTokenResult(**row) for row in data.pop("first_token", [])]
+    ratios = [Ratio(**row) for row in data.pop("ratios", [])]
+    return BenchReport(limits=MachineLimits(**limits), results=results, first_token=first_token, ratios=ratios,
+                       **data)
 
 
 def save_report(report: BenchReport, out_dir: Path) -> tuple[Path, Path | None]:

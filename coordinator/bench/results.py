@@ -33,6 +33,25 @@ class EngineResult:
     weights: str = "f32"  # how its matrices are stored (a Matrix type tag)
     weight_mb_per_token: float = 0.0  # what one decode step streams in that storage; 0: the report's
     variant: str = ""  # "" for the measured model, else the `--quant` format its weights were put in
+    # (or "v2": the llama2.c version 2 copy `--llama2c` measures beside runq.c)
+    program: str = ""  # "" for llmtp's engines, "run.c" / "runq.c" for llama2.c's (`--llama2c`)
+
+
+@dataclass
+class FirstTokenResult:
+    """`--llama2c`: the wall time of a whole process generating one token after a 5-token prompt."""
+    engine: str
+    seconds: float
+    program: str = ""  # "run.c", or "" for `llmtp generate`
+    command: str = ""  # the command line, as timed
+
+
+@dataclass
+class Ratio:
+    """One comparison the report names, e.g. "in-process / run.c 2 threads", "decode", 1.12."""
+    name: str
+    measure: str  # "decode", "prefill" or "time to first token"
+    value: float
 
 
 @dataclass
@@ -47,6 +66,9 @@ class BenchReport:
     # prefill's biggest product, (prompt x dim) @ (dim x hidden), in numpy and (with
     # --compare-hf) torch: library -> GFLOPS. Prefill is bound by these kernels.
     gemm_gflops: dict = field(default_factory=dict)
+    first_token: list = field(default_factory=list)  # FirstTokenResult, best round of each (--llama2c)
+    ratios: list = field(default_factory=list)  # Ratio: llmtp against llama2.c's rows (--llama2c)
+    llama2c_counting: str = ""  # what run.c's rate counts, and how the ratios use it (--llama2c)
 
     def bandwidth_limit_tokens_per_s(self, cores: int, weight_mb_per_token: float = 0.0) -> float:
         """Decode tokens/s if every weight byte (of the source, or `weight_mb_per_token`) streamed
@@ -74,3 +96,7 @@ def best_of(kept: EngineResult | None, new: EngineResult) -> EngineResult:
         return new
     best = new if new.decode_tokens_per_s > kept.decode_tokens_per_s else kept
     return dataclasses.replace(best, prefill_tokens_per_s=max(kept.prefill_tokens_per_s, new.prefill_tokens_per_s))
+
+
+def faster_start(kept: FirstTokenResult | None, new: FirstTokenResult) -> FirstTokenResult:
+    return new if kept is None or new.seconds < kept.seconds else kept

@@ -33,6 +33,9 @@ def register(subparsers) -> None:
                             "(default 1; 0 = share all cores, as generate does)")
     bench.add_argument("--serve", nargs="?", const="0,2", metavar="WORKERS", help="instead: serve's aggregate "
                        "decode at 1, 4 and 8 streams on these worker counts (default 0,2; 0 = in-process)")
+    bench.add_argument("--llama2c", metavar="DIR", help="also time llama2.c's run.c and/or runq.c, built by you "
+                       "into DIR as 'run' and 'runq' (gcc -Ofast -march=native -fopenmp run.c -lm -o DIR/run), in "
+                       "the same rounds, and each process's time to first token")
     bench.add_argument("--contended", action="store_true", help="also time every row while a busy process holds one core")
     bench.set_defaults(handler=run)
 
@@ -51,17 +54,24 @@ def run(args) -> int:
         raise ConfigError(f"--cores-per-worker must be 0 or more, got {args.cores_per_worker}")
     from llmtp.coordinator.bench.quantized import parse_quant
     quant = parse_quant(args.quant)
+    llama2c = None
+    if args.llama2c is not None:
+        from llmtp.coordinator.bench.llama2c import find_programs
+        llama2c = Path(args.llama2c)
+        find_programs(llama2c)  # before any model is written: a folder without them is a one-line error
     if args.preset:
         model, path = args.preset, bench.synthetic_checkpoint(args.preset)
     else:
         model, path = Path(args.checkpoint).stem, Path(args.checkpoint)
     if args.serve is not None:
+        if llama2c is not None:
+            raise ConfigError("--llama2c times llama2.c beside the engine rows, not with --serve")
         from llmtp.coordinator.bench.serve_bench import run_from_args
         return run_from_args(args, model, path)
     report = bench.run_bench(model, path, worker_counts, args.prompt_tokens, args.decode_tokens, args.reduce,
                              args.compare_hf, probe_mib=args.probe_mib,
                              cores_per_worker=args.cores_per_worker or None, rounds=args.rounds,
-                             contended=args.contended, quant=quant)
+                             contended=args.contended, quant=quant, llama2c=llama2c)
     print(bench.format_report(report))
     json_path, png_path = bench.save_report(report, Path(args.out))
     print(f"\nwrote {json_path}" + (f" and {png_path}" if png_path else
