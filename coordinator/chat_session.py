@@ -204,8 +204,7 @@ class ChatSession:
         """The longest prefix of ids whose text is a prefix of the visible answer: the tokens of a
         stop string are not part of the answer the template closes."""
         for keep in range(len(ids), -1, -1):
-            decoder = self.tokenizer.stream_decoder()
-            decoder._previous_id = previous_id  # as TextStream: only the previous id shapes the next piece
+            decoder = self.tokenizer.stream_decoder(previous_id)
             text = "".join(decoder.push(token) for token in ids[:keep])
             if visible.startswith(text):
                 return ids[:keep]

@@ -60,8 +60,7 @@ def greedy(checkpoint, tokenizer, prompt_ids, max_tokens):
 
 
 def text_of(tokenizer, ids, previous_id):
-    decoder = tokenizer.stream_decoder()
-    decoder._previous_id = previous_id
+    decoder = tokenizer.stream_decoder(previous_id)
     return "".join(decoder.push(token) for token in ids) + decoder.flush()
 
 

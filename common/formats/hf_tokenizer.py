@@ -83,8 +83,9 @@ class HfTokenizer:
             previous_id = token_id
         return b"".join(chunks).decode("utf-8", errors=_UTF8_ERRORS)
 
-    def stream_decoder(self) -> StreamDecoder:
-        return StreamDecoder(self)
+    def stream_decoder(self, previous_id: int | None = None) -> StreamDecoder:
+        """previous_id: the token before the first pushed (only it shapes the first piece)."""
+        return StreamDecoder(self, previous_id)
 
     def piece_bytes(self, token_id: int, previous_id: int | None) -> bytes:
         """What `token_id` prints as after `previous_id` (None: first token)."""

@@ -147,8 +147,9 @@ class Tokenizer:
             previous_id = token_id
         return b"".join(chunks).decode("utf-8", errors=_UTF8_ERRORS)
 
-    def stream_decoder(self) -> "StreamDecoder":
-        return StreamDecoder(self)
+    def stream_decoder(self, previous_id: int | None = None) -> "StreamDecoder":
+        """previous_id: the token before the first pushed (only it shapes the first piece)."""
+        return StreamDecoder(self, previous_id)
 
     def piece_bytes(self, token_id: int, previous_id: int | None) -> bytes:
         """What `token_id` prints as when it follows `previous_id` (None: first token)."""
@@ -165,10 +166,12 @@ class StreamDecoder:
     The concatenation of all push() results and flush() equals Tokenizer.decode of the ids.
     """
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, previous_id: int | None = None):
+        """previous_id: the token before the first one pushed (after BOS a first piece drops its
+        leading space); only that id shapes what the next piece prints."""
         self._tokenizer = tokenizer
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors=_UTF8_ERRORS)
-        self._previous_id: int | None = None
+        self._previous_id = previous_id
 
     def push(self, token_id: int) -> str:
         surface = self._tokenizer.piece_bytes(token_id, self._previous_id)

@@ -29,15 +29,13 @@ class _IdsOnly:
     """The scheduler's tokenizer for a model without one: every piece is empty text."""
 
     class _Decoder:
-        _previous_id = None
-
         def push(self, token_id: int) -> str:
             return ""
 
         def flush(self) -> str:
             return ""
 
-    def stream_decoder(self):
+    def stream_decoder(self, previous_id=None):
         return self._Decoder()
 
 

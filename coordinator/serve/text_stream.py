@@ -8,8 +8,7 @@ from llmtp.common.formats.tokenizer import Tokenizer
 class TextStream:
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...], previous_id: int):
         """previous_id: the prompt's last token (after BOS, a first piece drops its leading space)."""
-        self._decoder = tokenizer.stream_decoder()
-        self._decoder._previous_id = previous_id  # only that id matters for what the next piece prints
+        self._decoder = tokenizer.stream_decoder(previous_id)
         self._stop = tuple(s for s in stop if s)
         self._pending = ""
         self.stopped = False
