@@ -108,7 +108,10 @@ class RunqOps:
         kv_of_head = np.empty(spec.n_heads_local, dtype=np.int32)
         for kv_local, first_head, stop_head in spec.kv_groups(config):
             kv_of_head[first_head:stop_head] = kv_local
-        return cls(config, kv_of_head, ordered_sums)
+        # one slice holding every head and FFN unit: its product already adds every group in
+        # order (runq.c's matmul), so the per-group terms would only cost time
+        whole = spec.heads == (0, config.n_heads) and spec.hidden == (0, config.hidden_dim)
+        return cls(config, kv_of_head, ordered_sums and not whole)
 
     def rmsnorm(self, x: np.ndarray, weight: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return kernels.runq_rmsnorm(x, weight, self.config.norm_eps, out=out)
