@@ -63,9 +63,9 @@ def matmul_gguf(fmt: str, blocks: np.ndarray, x: np.ndarray, out: np.ndarray) ->
     return out
 
 
-def matmul_llama2c(values: np.ndarray, scales: np.ndarray, group_size: int, x: np.ndarray,
-                   out: np.ndarray) -> np.ndarray:
-    """runq.c's matmul: int32 per group, then val += (float)ival * ws * xs group by group."""
+def llama2c_terms(values: np.ndarray, scales: np.ndarray, group_size: int, x: np.ndarray):
+    """runq.c's per-group terms (float)ival * ws * xs, chunk by chunk of rows: yields (first row,
+    (T, chunk rows, groups) float32), each term rounded as runq.c rounds it."""
     rows, cols = values.shape
     groups = cols // group_size
     xq, xs = quantize_blocks(x, group_size, runq_rule=True)
@@ -74,11 +74,17 @@ def matmul_llama2c(values: np.ndarray, scales: np.ndarray, group_size: int, x: n
     for start in range(0, rows, ROWS_PER_CHUNK):
         chunk = values[start:start + ROWS_PER_CHUNK].reshape(-1, groups, group_size).astype(np.int32)
         ival = np.einsum("rgk,tgk->trg", chunk, xq).astype(np.float32)  # int32 -> float32 rounds as C's cast does
-        ws = wscales[start:start + ROWS_PER_CHUNK]
-        val = np.zeros((x.shape[0], len(chunk)), dtype=np.float32)
-        for g in range(groups):
-            val = val + (ival[:, :, g] * ws[None, :, g]) * xs[:, g:g + 1]
-        out[:, start:start + len(chunk)] = val
+        yield start, (ival * wscales[start:start + ROWS_PER_CHUNK][None]) * xs[:, None, :]
+
+
+def matmul_llama2c(values: np.ndarray, scales: np.ndarray, group_size: int, x: np.ndarray,
+                   out: np.ndarray) -> np.ndarray:
+    """runq.c's matmul: int32 per group, then val += (float)ival * ws * xs group by group."""
+    for start, terms in llama2c_terms(values, scales, group_size, x):
+        val = np.zeros(terms.shape[:2], dtype=np.float32)
+        for g in range(terms.shape[2]):
+            val = val + terms[:, :, g]
+        out[:, start:start + terms.shape[1]] = val
     return out
 
 
@@ -158,16 +164,9 @@ def runq_swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
 
 def runq_group_terms(values: np.ndarray, scales: np.ndarray, group_size: int, x: np.ndarray, first_group: int,
                      terms: np.ndarray) -> np.ndarray:
-    rows, cols = values.shape
-    groups = cols // group_size
-    xq, xs = quantize_blocks(x, group_size, runq_rule=True)
-    xq = xq.reshape(-1, groups, group_size).astype(np.int32)
-    wscales = scales.reshape(rows, groups)
-    for start in range(0, rows, ROWS_PER_CHUNK):
-        chunk = values[start:start + ROWS_PER_CHUNK].reshape(-1, groups, group_size).astype(np.int32)
-        ival = np.einsum("rgk,tgk->trg", chunk, xq).astype(F32)
-        ws = wscales[start:start + ROWS_PER_CHUNK]
-        terms[:, start:start + len(chunk), first_group:first_group + groups] = (ival * ws[None]) * xs[:, None, :]
+    groups = values.shape[1] // group_size
+    for start, chunk_terms in llama2c_terms(values, scales, group_size, x):
+        terms[:, start:start + chunk_terms.shape[1], first_group:first_group + groups] = chunk_terms
     return terms
 
 
