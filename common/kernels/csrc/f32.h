@@ -13,9 +13,9 @@ typedef struct {
 } f32_product_t;
 
 /* out[t, r] = sum_j weights[r, j] * x[t, j] for rows row_begin..row_end, AVX2+FMA (call only when
- * cpu_has_avx2()). Each output is one chain of 8-lane multiply-adds over j, summed the same
- * way whatever `tokens` is and however rows are grouped: a sequence gets the same bits alone
- * and in a batch. */
+ * cpu_has_avx2()). Rows are taken one at a time; each output is two chains of 8-lane
+ * multiply-adds over alternate 8-column chunks, summed the same way whatever `tokens` is and
+ * however rows are split over threads: a sequence gets the same bits alone and in a batch. */
 void f32_rows_avx2(const f32_product_t *p, int row_begin, int row_end);
 
 #endif

@@ -21,9 +21,7 @@ static void quantized_part(void *context, int index, int count) {
 
 static void f32_part(void *context, int index, int count) {
     const f32_product_t *p = context;
-    int groups = (p->rows + 7) / 8; /* whole blocks of 8 rows per part, so every part runs wide blocks */
-    int begin = (int)((long)groups * index / count) * 8, end = (int)((long)groups * (index + 1) / count) * 8;
-    f32_rows_avx2(p, begin, end < p->rows ? end : p->rows);
+    f32_rows_avx2(p, (int)((long)p->rows * index / count), (int)((long)p->rows * (index + 1) / count));
 }
 
 static int parts_for(int n_threads, int rows) {
@@ -102,7 +100,7 @@ static PyObject *matmul_f32(PyObject *self, PyObject *args) {
         goto done;
     f32_product_t p = {weights.buf, row_stride, rows, cols, tokens, x.buf, out.buf};
     Py_BEGIN_ALLOW_THREADS
-    pool_run(f32_part, &p, parts_for(n_threads, (rows + 7) / 8));
+    pool_run(f32_part, &p, parts_for(n_threads, rows));
     Py_END_ALLOW_THREADS
     result = Py_None;
     Py_INCREF(result);
