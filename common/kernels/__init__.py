@@ -8,7 +8,7 @@ Backends, chosen once at import: "avx2" (C, AVX2+FMA+F16C, when the CPU has them
 "portable" (C, plain loops), "numpy" (fallback.py, when the C extension did not build or
 load; said once on stderr). LLMTP_KERNELS=portable or =numpy forces a slower one;
 use_backend() switches at run time (tests). n_threads: default 1; n > 1 splits rows over n
-threads of a pool started once (csrc/pool.c: idle threads spin ~50 us, then sleep). The
+threads of a pool started once (csrc/pool.c: idle threads spin ~1 ms, then sleep). The
 Matrix types pass threads(): at first default_threads(), the count BLAS is given in this
 process (a worker gets its share through OPENBLAS_NUM_THREADS, see local_cluster.py), then
 whatever common/model/blas_threads.py chooses for BLAS and these kernels alike (THREADS).

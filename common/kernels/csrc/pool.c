@@ -15,7 +15,13 @@
 #define CPU_RELAX() ((void)0)
 #endif
 
-#define POOL_SPIN_NS 50000L /* ~the gap between two products of one decode step */
+/* Longer than the widest gap inside one decode step (attention, norms and Python between two
+ * products, 100-200 us at 110M): a thread that went to sleep in such a gap woke too late for the
+ * next product, so 2 threads were only ~1.15x one in a 110M float32 step. Spinning 1 ms instead of
+ * 50 us: float32 step 20.8 -> 17.5 ms, Q4_0 11.0 -> 7.6 ms (medians of 3 interleaved runs each).
+ * A busy machine does not pay it: there the thread count drops to one (blas_threads.py) and the
+ * pool's threads sleep. */
+#define POOL_SPIN_NS 1000000L
 
 static struct {
     pthread_mutex_t lock, run_lock;

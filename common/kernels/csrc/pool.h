@@ -1,7 +1,7 @@
 /* A persistent pool of product threads: started once, reused by every product.
  *
  * Creating and joining threads per product cost more than a small product itself (a decode
- * step makes ~80 of them). Idle threads spin for POOL_SPIN_NS after their last task, so back
+ * step makes ~80 of them). Idle threads spin for POOL_SPIN_NS (1 ms) after their last task, so back
  * to back products in one step find them awake, then sleep on a condition variable (a
  * passive wait: a busy machine gets the core back within microseconds). */
 #ifndef LLMTP_POOL_H
