@@ -111,3 +111,14 @@ def test_a_prefill_runs_on_one_thread_while_another_process_runs(monkeypatch):
 def test_own_running_threads_counts_at_least_the_caller():
     assert blas_threads.own_running_threads() >= 1
     assert blas_threads.others_running() >= 0
+
+
+def test_each_step_runs_on_its_own_choosers_count_when_another_chooser_moved_it():
+    blas = FakeBlas(2)  # one library, as in a process holding two engines (the bench)
+    quiet = BlasThreads(most=2, libraries=[blas], busy_now=False)
+    BlasThreads(most=2, libraries=[blas], busy_now=True)  # the other engine starts on one thread
+    assert blas.num_threads == 1 and quiet.current == 2
+    with quiet.step(1):
+        assert blas.num_threads == 2
+    with quiet.step(128):
+        assert blas.num_threads == 2

@@ -128,6 +128,14 @@ class BlasThreads:
         for lib in self.libraries:
             lib.set_num_threads(count)
 
+    def apply(self, count: int) -> None:
+        """Set `count` wherever a library holds another. The count is the process's, not this
+        chooser's: another engine in the same process (the bench holds several) may have moved
+        it since this one's last step, and its steps then ran on the other's choice."""
+        for lib in self.libraries:
+            if lib.num_threads != count:
+                lib.set_num_threads(count)
+
     @contextmanager
     def step(self, n_rows: int):
         """Around one step: a decode-shaped one is timed, and may be a try of the other count."""
@@ -136,19 +144,16 @@ class BlasThreads:
             return
         if n_rows > DECODE_ROWS:  # a prefill is not timed; it runs on one thread if anything else runs now
             count = 1 if self.current == 1 or others_running() >= 1 else self.most
-            if count != self.current:
-                self.set_threads(count)
+            self.apply(count)
             try:
                 yield
             finally:
-                if count != self.current:
-                    self.set_threads(self.current)
+                self.apply(self.current)
             return
         other = 1 if self.current == self.most else self.most
         probing = self.steps_since_probe >= self.probe_every
         count = other if probing else self.current
-        if probing:
-            self.set_threads(other)
+        self.apply(count)
         started = time.perf_counter()
         try:
             yield
