@@ -28,7 +28,7 @@ SHAPES = [(1, 32), (1, 96), (7, 32), (13, 64), (37, 160), (67, 256)]  # rows not
 TOKENS = [1, 5]
 
 
-@pytest.fixture(params=["avx2", "portable", "numpy"])
+@pytest.fixture(params=["vnni", "avx2", "portable", "numpy"])
 def backend(request):
     if request.param not in kernels.available_backends():
         pytest.skip(f"kernel backend {request.param} not available here ({kernels.backend_info()})")
@@ -129,6 +129,33 @@ def test_all_backends_and_thread_counts_agree_within_bound():
                 assert np.all(error <= error_bound(w, x)), (name, threads)
     finally:
         kernels.use_backend(previous)
+
+
+@pytest.mark.parametrize("fmt", sorted(GGUF))
+def test_vnni_rows_give_the_avx2_rows_bits_on_every_byte_value(fmt):
+    """The VNNI rows claim the AVX2 rows' int32 lanes exactly (bias and offset, csrc/dot.c):
+    random raw blocks reach every byte value (Q8_0's -128 too) against activations at +-127."""
+    if not {"vnni", "avx2"} <= set(kernels.available_backends()):
+        pytest.skip(f"needs the vnni and avx2 backends ({kernels.backend_info()})")
+    rng = np.random.default_rng(11)
+    rows, cols = 37, 320
+    block = kernels.BLOCK_BYTES[fmt]
+    blocks = rng.integers(0, 256, (rows, cols // 32, block), dtype=np.uint8)
+    scales = rng.uniform(0.001, 0.1, (rows, cols // 32, 2)).astype(np.float16).view(np.uint8)
+    blocks[:, :, :4 if fmt == "q4_1" else 2] = scales.reshape(rows, cols // 32, -1)[:, :, :4 if fmt == "q4_1" else 2]
+    blocks = blocks.reshape(rows, -1)
+    x = random_activations(rng, 5, cols)
+    x[1] = np.where(rng.random(cols) < 0.5, -1.0, 1.0)  # every activation quantizes to +-127
+    previous = kernels.backend()
+    try:
+        products = {}
+        for name in ("avx2", "vnni"):
+            kernels.use_backend(name)
+            products[name] = GGUF[fmt][1](blocks, x, n_threads=2)
+    finally:
+        kernels.use_backend(previous)
+    assert np.all(np.isfinite(products["avx2"]))
+    np.testing.assert_array_equal(products["vnni"], products["avx2"])
 
 
 # ---- llama2.c v2 (runq.c) mode ----

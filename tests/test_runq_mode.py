@@ -34,7 +34,7 @@ def stories_v2(stories260k, tmp_path_factory):
     return checkpoint, tokenizer
 
 
-@pytest.mark.parametrize("backend", ["avx2", "portable", "numpy"])
+@pytest.mark.parametrize("backend", ["vnni", "avx2", "portable", "numpy"])
 @pytest.mark.parametrize("run", FIXTURE["runs"], ids=lambda run: run["prompt"] or "empty")
 def test_greedy_text_equals_runq(stories_v2, backend, run):
     if backend not in kernels.available_backends():
@@ -101,7 +101,7 @@ def random_v2(request, stories260k, tmp_path_factory):
     return run, checkpoint, load_tokenizer(stories260k["tokenizer"], checkpoint.config.vocab_size)
 
 
-@pytest.mark.parametrize("backend", ["avx2", "portable", "numpy"])
+@pytest.mark.parametrize("backend", ["vnni", "avx2", "portable", "numpy"])
 def test_random_v2_greedy_text_equals_runq(random_v2, backend):
     """Groups of 32 and 64: the kernels' SIMD path for the llama2.c mode, against runq.c -O3."""
     if backend not in kernels.available_backends():
@@ -190,7 +190,7 @@ def engine_for(config, weights, n_workers: int, group_size: int):
             ThreadedCluster(config, weights, n_workers, group_size))
 
 
-@pytest.mark.parametrize("backend", ["avx2", "portable", "numpy"])
+@pytest.mark.parametrize("backend", ["vnni", "avx2", "portable", "numpy"])
 @pytest.mark.parametrize("n_workers", [0, 2, 3], ids=["in-process", "2 workers", "3 workers"])
 def test_engine_text_equals_runq(stories_v2, n_workers, backend):
     """The engine (its runq.c op set, chosen from the v2 file's storage) prints runq.c's text byte
@@ -210,7 +210,7 @@ def test_engine_text_equals_runq(stories_v2, n_workers, backend):
         kernels.use_backend(previous)
 
 
-@pytest.mark.parametrize("backend", ["avx2", "portable", "numpy"])
+@pytest.mark.parametrize("backend", ["vnni", "avx2", "portable", "numpy"])
 def test_random_v2_engine_text_equals_runq(random_v2, backend):
     """Groups of 32 and 64: the engine's text is runq.c's in process and over every worker count
     the group size allows (cuttable_worker_counts)."""

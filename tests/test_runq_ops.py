@@ -7,7 +7,7 @@ import pytest
 
 from llmtp.common import kernels
 
-C_BACKENDS = [b for b in ("avx2", "portable") if b in kernels.available_backends()]
+C_BACKENDS = [b for b in ("vnni", "avx2", "portable") if b in kernels.available_backends()]
 pytestmark = pytest.mark.skipif(not C_BACKENDS, reason="the C extension is not loaded")
 F32 = np.float32
 

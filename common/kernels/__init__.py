@@ -4,7 +4,9 @@ Activations x (T, cols) float32 are quantized once per product to int8 blocks (s
 max|x| / 127 per block); each weight block meets its activation block in an int32 dot
 product and one float multiply-add. Nothing expands W to float32.
 
-Backends, chosen once at import: "avx2" (C, AVX2+FMA+F16C, when the CPU has them),
+Backends, chosen once at import: "vnni" (the avx2 backend whose 4-bit rows add each 4 byte
+products with one AVX-512 VNNI instruction, same bits as avx2; where the CPU and OS have
+AVX-512 VL and VNNI), "avx2" (C, AVX2+FMA+F16C, when the CPU has them),
 "portable" (C, plain loops), "numpy" (fallback.py, when the C extension did not build or
 load; said once on stderr). LLMTP_KERNELS=portable or =numpy forces a slower one;
 use_backend() switches at run time (tests). n_threads: default 1; n > 1 splits rows over n
@@ -39,15 +41,16 @@ except ImportError as error:  # no compiler at install time, or a broken build
 else:
     _NATIVE_PROBLEM = None
 
-BACKENDS = ("avx2", "portable", "numpy")
-_ISA = {"portable": 0, "avx2": 1}
+BACKENDS = ("vnni", "avx2", "portable", "numpy")
+_ISA = {"portable": 0, "avx2": 1, "vnni": 2}
 
 
 def available_backends() -> list[str]:
     """The backends this process can run, fastest first."""
     if _native is None:
         return ["numpy"]
-    return (["avx2"] if _native.cpu_has_avx2() else []) + ["portable", "numpy"]
+    return ((["vnni"] if _native.cpu_has_vnni() else []) + (["avx2"] if _native.cpu_has_avx2() else [])
+            + ["portable", "numpy"])
 
 
 def _initial_backend() -> str:
@@ -138,8 +141,8 @@ F32_MAX_TOKENS = 8  # csrc/f32.h
 
 
 def has_f32_kernel() -> bool:
-    """Whether matmul_f32 runs here (the C extension with AVX2+FMA, and the avx2 backend chosen)."""
-    return _backend == "avx2"
+    """Whether matmul_f32 runs here (the C extension with AVX2+FMA, and the avx2 or vnni backend chosen)."""
+    return _backend in ("vnni", "avx2")
 
 
 def matmul_f32(weights: np.ndarray, x: np.ndarray, out: np.ndarray | None = None,

@@ -11,10 +11,20 @@
 #include <immintrin.h>
 
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
+#define VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
 
 int cpu_has_avx2(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+int cpu_has_vnni(void) {
+    if (!cpu_has_avx2() || !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512vnni"))
+        return 0;
+    /* EVEX-encoded instructions fault unless the OS saves the opmask and upper vector state */
+    unsigned int eax, edx;
+    __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+    return (eax & 0xe6) == 0xe6;
 }
 
 size_t block_bytes(int format) {
@@ -62,7 +72,8 @@ static void quantize_group(const float *x, int n, int runq_rule, int8_t *q, floa
     if (sum) *sum = d * (float)total;
 }
 
-void quantize_activations(const product_t *p, const float *x, int8_t *xq, float *xscale, float *xsum) {
+void quantize_activations(const product_t *p, const float *x, int8_t *xq, float *xscale, float *xsum,
+                          int32_t *xoffset) {
     int runq_rule = p->format == FMT_LLAMA2C_Q8, group = runq_rule ? p->group_size : QK;
     int groups = p->cols / group;
     for (int t = 0; t < p->tokens; t++)
@@ -72,6 +83,13 @@ void quantize_activations(const product_t *p, const float *x, int8_t *xq, float 
                            xq + (size_t)t * p->cols + (size_t)g * group, xscale + at,
                            p->format == FMT_Q4_1 ? xsum + at : NULL);
         }
+    if (!xoffset || p->format != FMT_Q4_0) return;
+    int bias = 8, lanes = p->cols / QK * 8;
+    for (int t = 0; t < p->tokens; t++) {
+        const int8_t *q = xq + (size_t)t * p->cols;
+        for (int i = 0; i < lanes; i++)
+            xoffset[(size_t)t * lanes + i] = -bias * (q[4 * i] + q[4 * i + 1] + q[4 * i + 2] + q[4 * i + 3]);
+    }
 }
 
 /* ---- portable rows ---- */
@@ -219,13 +237,62 @@ AVX2 static float row_llama2c_avx2(const int8_t *w, const float *ws, const int8_
     return val;
 }
 
+/* ---- VNNI rows (the 4-bit formats) ----
+ * vpdpbusd multiplies unsigned by signed bytes and adds each 4 products into an int32 lane: the
+ * lanes of dot32_avx2 in one instruction instead of four, and a nibble is already unsigned (Q4_0's
+ * is q + 8). A Q4_0 lane starts at -8 * the sum of its 4 activations (xoffset), so every lane holds
+ * exactly the AVX2 row's int32 and every float operation after it is the AVX2 row's: the same bits.
+ * The 4-bit rows are bound by these integer steps: 110M Q4_0 step 0.97-1.57x, median 1.15x over 6
+ * interleaved pairs (a kernel harness on one core: 1.25-1.35x). The
+ * same trick on signed bytes (XOR 0x80, offset -128 * sum) made Q8_0 and llama2.c rows, which are
+ * nearer memory speed, 0.85-1.06x: they keep the AVX2 rows. */
+
+VNNI static inline __m256i lanes_vnni(const int32_t *offset, __m256i w_unsigned, __m256i x) {
+    return _mm256_dpbusd_epi32(_mm256_loadu_si256((const __m256i *)offset), w_unsigned, x);
+}
+
+VNNI static inline __m256 q4_0_block_vnni(const uint8_t *block, const int8_t *xq, const int32_t *offset, float xs,
+                                          __m256 acc) {
+    __m256i lanes = lanes_vnni(offset, nibbles_avx2(block + 2), _mm256_loadu_si256((const __m256i *)xq));
+    return _mm256_fmadd_ps(_mm256_set1_ps(half_avx2(block) * xs), _mm256_cvtepi32_ps(lanes), acc);
+}
+
+VNNI static float row_q4_0_vnni(const uint8_t *row, const int8_t *xq, const float *xs, const int32_t *offset, int nb) {
+    enum { BYTES = 2 + QK / 2 };
+    __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + 2 <= nb; b += 2, row += 2 * BYTES, xq += 2 * QK, offset += 16) {
+        even = q4_0_block_vnni(row, xq, offset, xs[b], even);
+        odd = q4_0_block_vnni(row + BYTES, xq + QK, offset + 8, xs[b + 1], odd);
+    }
+    if (b < nb) even = q4_0_block_vnni(row, xq, offset, xs[b], even);
+    return hsum_ps(_mm256_add_ps(even, odd));
+}
+
+VNNI static float row_q4_1_vnni(const uint8_t *row, const int8_t *xq, const float *xs, const float *xsum, int nb) {
+    __m256 acc = _mm256_setzero_ps();
+    float offsets = 0.0f;
+    for (int b = 0; b < nb; b++, row += 4 + QK / 2, xq += QK) {
+        __m256i sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles_avx2(row + 4),
+                                           _mm256_loadu_si256((const __m256i *)xq));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half_avx2(row) * xs[b]), _mm256_cvtepi32_ps(sums), acc);
+        offsets += half_avx2(row + 2) * xsum[b];
+    }
+    return hsum_ps(acc) + offsets;
+}
+
 /* ---- dispatch ---- */
 
 static float row_product(const product_t *p, int r, int t) {
     const uint8_t *row = p->weights + (size_t)r * p->row_bytes;
     const int8_t *xq = p->xq + (size_t)t * p->cols;
-    int avx2 = p->isa == ISA_AVX2, nb = p->cols / QK;
+    int avx2 = p->isa != ISA_PORTABLE, nb = p->cols / QK;
     const float *xs = p->xscale + (size_t)t * (p->cols / (p->format == FMT_LLAMA2C_Q8 ? p->group_size : QK));
+    if (p->isa == ISA_VNNI) {
+        const int32_t *offset = p->xoffset + (size_t)t * nb * 8;
+        if (p->format == FMT_Q4_0) return row_q4_0_vnni(row, xq, xs, offset, nb);
+        if (p->format == FMT_Q4_1) return row_q4_1_vnni(row, xq, xs, p->xsum + (size_t)t * nb, nb);
+    }
     switch (p->format) {
     case FMT_Q8_0: return avx2 ? row_q8_0_avx2(row, xq, xs, nb) : row_q8_0(row, xq, xs, nb);
     case FMT_Q4_0: return avx2 ? row_q4_0_avx2(row, xq, xs, nb) : row_q4_0(row, xq, xs, nb);

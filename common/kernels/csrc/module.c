@@ -1,4 +1,4 @@
-/* CPython binding: _native.matmul(...) and _native.cpu_has_avx2().
+/* CPython binding: _native.matmul(...), _native.cpu_has_avx2() and cpu_has_vnni().
  *
  * Buffers arrive through the buffer protocol (numpy arrays from kernels/__init__.py, which
  * checks dtypes and shapes); their lengths are checked again here, so a wrong call raises
@@ -48,10 +48,13 @@ static PyObject *matmul(PyObject *self, PyObject *args) {
     PyObject *result = NULL;
     int8_t *xq = NULL;
     float *xscale = NULL, *xsum = NULL;
-    product_t p = {format, isa, weights.buf, wscales.buf, 0, rows, cols, tokens, group_size, NULL, NULL, NULL, out.buf};
+    int32_t *xoffset = NULL;
+    product_t p = {format, isa, weights.buf, wscales.buf, 0, rows, cols, tokens, group_size, NULL, NULL, NULL, out.buf,
+                   NULL};
     int group = format == FMT_LLAMA2C_Q8 ? group_size : QK;
     if (format < FMT_Q8_0 || format > FMT_LLAMA2C_Q8 || rows < 1 || cols < 1 || tokens < 1 || group < 1 ||
-        cols % group || (isa == ISA_AVX2 && !cpu_has_avx2())) {
+        cols % group || isa < ISA_PORTABLE || isa > ISA_VNNI || (isa == ISA_AVX2 && !cpu_has_avx2()) ||
+        (isa == ISA_VNNI && !cpu_has_vnni())) {
         PyErr_SetString(PyExc_ValueError, "bad format, isa or shape");
         goto done;
     }
@@ -65,19 +68,20 @@ static PyObject *matmul(PyObject *self, PyObject *args) {
     xq = malloc((size_t)tokens * cols);
     xscale = malloc(sizeof(float) * groups);
     xsum = malloc(sizeof(float) * groups);
-    if (!xq || !xscale || !xsum) {
+    if (isa == ISA_VNNI && format == FMT_Q4_0) xoffset = malloc(sizeof(int32_t) * (size_t)tokens * (cols / QK * 8 + 1));
+    if (!xq || !xscale || !xsum || (isa == ISA_VNNI && format == FMT_Q4_0 && !xoffset)) {
         PyErr_NoMemory();
         goto done;
     }
-    p.xq = xq, p.xscale = xscale, p.xsum = xsum;
+    p.xq = xq, p.xscale = xscale, p.xsum = xsum, p.xoffset = xoffset;
     Py_BEGIN_ALLOW_THREADS
-    quantize_activations(&p, x.buf, xq, xscale, xsum);
+    quantize_activations(&p, x.buf, xq, xscale, xsum, xoffset);
     pool_run(quantized_part, &p, parts_for(n_threads, rows));
     Py_END_ALLOW_THREADS
     result = Py_None;
     Py_INCREF(result);
 done:
-    free(xq), free(xscale), free(xsum);
+    free(xq), free(xscale), free(xsum), free(xoffset);
     PyBuffer_Release(&weights), PyBuffer_Release(&wscales), PyBuffer_Release(&x), PyBuffer_Release(&out);
     return result;
 }
@@ -141,6 +145,11 @@ done:
 static PyObject *has_avx2(PyObject *self, PyObject *unused) {
     (void)self, (void)unused;
     return PyBool_FromLong(cpu_has_avx2());
+}
+
+static PyObject *has_vnni(PyObject *self, PyObject *unused) {
+    (void)self, (void)unused;
+    return PyBool_FromLong(cpu_has_vnni());
 }
 
 /* ---- runq.c's element-wise steps (runq_ops.c); kernels/__init__.py checks dtypes and shapes ---- */
@@ -277,7 +286,7 @@ static PyObject *py_runq_group_terms(PyObject *self, PyObject *args) {
     product_t p = {FMT_LLAMA2C_Q8, ISA_PORTABLE, weights.buf, wscales.buf, (size_t)cols, rows, cols, tokens,
                    group_size, xq, xscale, NULL, NULL};
     Py_BEGIN_ALLOW_THREADS
-    quantize_activations(&p, x.buf, xq, xscale, NULL);
+    quantize_activations(&p, x.buf, xq, xscale, NULL, NULL);
     runq_group_terms(terms.buf, weights.buf, wscales.buf, xq, xscale, rows, cols, tokens, group_size, first_group,
                      total_groups);
     Py_END_ALLOW_THREADS
@@ -325,6 +334,7 @@ static PyMethodDef methods[] = {
      "runq_group_terms(terms, weights, wscales, x, rows, cols, tokens, group_size, first_group, total_groups)"},
     {"runq_ordered_sum", py_runq_ordered_sum, METH_VARARGS, "runq_ordered_sum(out, terms, n, groups)"},
     {"cpu_has_avx2", has_avx2, METH_NOARGS, "Whether this CPU runs the AVX2+FMA+F16C kernels."},
+    {"cpu_has_vnni", has_vnni, METH_NOARGS, "Whether it also runs the AVX-512 VNNI block rows."},
     {NULL, NULL, 0, NULL},
 };
 
