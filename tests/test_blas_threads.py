@@ -113,7 +113,8 @@ def test_own_running_threads_counts_at_least_the_caller():
     assert blas_threads.others_running() >= 0
 
 
-def test_each_step_runs_on_its_own_choosers_count_when_another_chooser_moved_it():
+def test_each_step_runs_on_its_own_choosers_count_when_another_chooser_moved_it(monkeypatch):
+    monkeypatch.setattr(blas_threads, "others_running", lambda: 0)  # the prefill's own rule aside
     blas = FakeBlas(2)  # one library, as in a process holding two engines (the bench)
     quiet = BlasThreads(most=2, libraries=[blas], busy_now=False)
     BlasThreads(most=2, libraries=[blas], busy_now=True)  # the other engine starts on one thread
@@ -122,3 +123,20 @@ def test_each_step_runs_on_its_own_choosers_count_when_another_chooser_moved_it(
         assert blas.num_threads == 2
     with quiet.step(128):
         assert blas.num_threads == 2
+
+
+def test_a_sudden_slowdown_tries_the_other_count_at_once_whatever_the_backoff():
+    blas = FakeBlas(2)
+    threads = BlasThreads(most=2, libraries=[blas], busy_now=False)
+    run_steps(threads, {2: 0.025, 1: 0.040}.get, 600)  # quiet for long: tries have backed off
+    assert threads.probe_every > FIRST_PROBE_EVERY
+    used = run_steps(threads, {2: 0.100, 1: 0.045}.get, 4)  # another process takes a core
+    assert used == [2, 2, 1, 1] and threads.current == 1 and blas.num_threads == 1
+
+
+def test_one_slow_step_alone_does_not_try_early():
+    threads = BlasThreads(most=2, libraries=[FakeBlas(2)], busy_now=False)
+    run_steps(threads, {2: 0.025, 1: 0.040}.get, 600)
+    before = threads.steps_since_probe
+    run_steps(threads, {2: 0.100, 1: 0.040}.get, 1)
+    assert threads.steps_since_probe == before + 1 and threads.current == 2

@@ -8,7 +8,9 @@ back every product and the spinning crowds out the rest: a 110M decode fell from
 contention"). No fixed count is right on a shared machine, so this measures: decode-shaped
 steps run on the count that has been fastest lately, and now and then one step tries the
 other (1 or every usable core). A try that loses backs the next one off (up to every
-MAX_PROBE_EVERY steps), so a quiet or a steadily busy machine pays little for it. A prefill
+MAX_PROBE_EVERY steps), so a quiet or a steadily busy machine pays little for it; two steps in
+a row far slower than the current count's median try the other at once. The count is the
+process's (every chooser in it sets the libraries alike), so each step sets its own. A prefill
 (too long to try twice) runs on one thread whenever another process is running as it
 starts, and so does the first step: the bench's contended prefill fell to 0.32x of its
 quiet speed on the decode's two threads.
@@ -32,6 +34,7 @@ DECODE_ROWS = 8  # a step of at most this many rows is timed (prefills follow th
 FIRST_PROBE_EVERY = 16  # decode steps between tries of the other count, at first and after a switch
 MAX_PROBE_EVERY = 128
 SWITCH_BELOW = 0.9  # switch when the other count's try took less than this share of the current's time
+TRY_AT_ONCE_ABOVE = 1.5  # two steps in a row this much slower than the current count's median: try the other next
 HISTORY = 3  # the current count's time is the median of its last few steps
 WARM_UP_ROWS = 64  # rows of the product that warms the library (a prefill's shape)
 WARM_UP_MOST = 1024, 4096  # at most these inputs and outputs: a few ms, even for a 7B layer
@@ -110,6 +113,7 @@ class BlasThreads:
         self.times = {count: deque(maxlen=HISTORY) for count in {1, self.most}}
         self.probe_every = HISTORY  # the first try comes as soon as the current count has a median
         self.steps_since_probe = 0
+        self.slow_steps = 0  # decode steps in a row much slower than their count's median
 
     def warm_up(self, n_in: int, n_out: int) -> None:
         """The library warmed on every count a step may use, then left on the current one."""
@@ -165,10 +169,16 @@ class BlasThreads:
 
     def record(self, count: int, elapsed: float, probing: bool) -> None:
         if not probing:
-            self.times[count].append(elapsed)
-            self.steps_since_probe += 1
+            history = self.times[count]
+            # A core just taken shows as slow steps; waiting out a backed-off schedule (up to
+            # MAX_PROBE_EVERY steps) cost a 110M decode 0.24x of its speed for a whole bench row.
+            # Two in a row (one is noise here), and the median the try must beat is theirs.
+            slow = len(history) == HISTORY and elapsed > TRY_AT_ONCE_ABOVE * statistics.median(history)
+            self.slow_steps = self.slow_steps + 1 if slow else 0
+            self.steps_since_probe = self.probe_every if self.slow_steps >= 2 else self.steps_since_probe + 1
+            history.append(elapsed)
             return
-        self.steps_since_probe = 0
+        self.steps_since_probe = self.slow_steps = 0
         current_time = statistics.median(self.times[self.current])
         self.times[count].clear()  # a try stands alone: older times of that count are stale
         self.times[count].append(elapsed)
