@@ -109,7 +109,7 @@ class BlasThreads:
         self.current = self.most
         if self.adaptive and (others_running() >= 1 if busy_now is None else busy_now):
             self.current = 1
-            self.set_threads(1)
+            self.apply(1)
         self.times = {count: deque(maxlen=HISTORY) for count in {1, self.most}}
         self.probe_every = HISTORY  # the first try comes as soon as the current count has a median
         self.steps_since_probe = 0
@@ -122,15 +122,11 @@ class BlasThreads:
             warm_up(WARM_UP_ROWS, n_in, n_out, [], [])
             return
         warm_up(WARM_UP_ROWS, n_in, n_out, sorted({1, self.most}), self.libraries)
-        self.set_threads(self.current)
+        self.apply(self.current)
 
     @property
     def adaptive(self) -> bool:
         return self.most > 1 and bool(self.libraries) and os.environ.get("LLMTP_ADAPTIVE_THREADS") != "0"
-
-    def set_threads(self, count: int) -> None:
-        for lib in self.libraries:
-            lib.set_num_threads(count)
 
     def apply(self, count: int) -> None:
         """Set `count` wherever a library holds another. The count is the process's, not this
@@ -164,7 +160,7 @@ class BlasThreads:
         finally:
             elapsed = time.perf_counter() - started
             if probing:
-                self.set_threads(self.current)
+                self.apply(self.current)
             self.record(count, elapsed, probing)
 
     def record(self, count: int, elapsed: float, probing: bool) -> None:
@@ -184,7 +180,7 @@ class BlasThreads:
         self.times[count].append(elapsed)
         if elapsed < SWITCH_BELOW * current_time:
             self.current = count
-            self.set_threads(count)
+            self.apply(count)
             self.probe_every = FIRST_PROBE_EVERY
         else:
             self.probe_every = min(MAX_PROBE_EVERY, max(FIRST_PROBE_EVERY, 2 * self.probe_every))

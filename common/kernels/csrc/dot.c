@@ -84,11 +84,11 @@ void quantize_activations(const product_t *p, const float *x, int8_t *xq, float 
                            p->format == FMT_Q4_1 ? xsum + at : NULL);
         }
     if (!xoffset || p->format != FMT_Q4_0) return;
-    int bias = 8, lanes = p->cols / QK * 8;
+    int lanes = p->cols / QK * 8;
     for (int t = 0; t < p->tokens; t++) {
         const int8_t *q = xq + (size_t)t * p->cols;
-        for (int i = 0; i < lanes; i++)
-            xoffset[(size_t)t * lanes + i] = -bias * (q[4 * i] + q[4 * i + 1] + q[4 * i + 2] + q[4 * i + 3]);
+        for (int i = 0; i < lanes; i++) /* a Q4_0 nibble is q + 8 */
+            xoffset[(size_t)t * lanes + i] = -8 * (q[4 * i] + q[4 * i + 1] + q[4 * i + 2] + q[4 * i + 3]);
     }
 }
 

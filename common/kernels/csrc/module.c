@@ -68,8 +68,9 @@ static PyObject *matmul(PyObject *self, PyObject *args) {
     xq = malloc((size_t)tokens * cols);
     xscale = malloc(sizeof(float) * groups);
     xsum = malloc(sizeof(float) * groups);
-    if (isa == ISA_VNNI && format == FMT_Q4_0) xoffset = malloc(sizeof(int32_t) * (size_t)tokens * (cols / QK * 8 + 1));
-    if (!xq || !xscale || !xsum || (isa == ISA_VNNI && format == FMT_Q4_0 && !xoffset)) {
+    int offsets = isa == ISA_VNNI && format == FMT_Q4_0; /* dot.h: only VNNI's Q4_0 rows read them */
+    if (offsets) xoffset = malloc(sizeof(int32_t) * (size_t)tokens * (cols / QK * 8));
+    if (!xq || !xscale || !xsum || (offsets && !xoffset)) {
         PyErr_NoMemory();
         goto done;
     }
