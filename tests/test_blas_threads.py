@@ -1,5 +1,9 @@
 """The BLAS thread count follows the steps' times, and never changes a number."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -140,3 +144,15 @@ def test_one_slow_step_alone_does_not_try_early():
     before = threads.steps_since_probe
     run_steps(threads, {2: 0.100, 1: 0.040}.get, 1)
     assert threads.steps_since_probe == before + 1 and threads.current == 2
+
+
+@pytest.mark.parametrize("users_value", [None, "25"])
+def test_llmtp_processes_let_idle_openblas_threads_sleep_soon(users_value):
+    # OpenBLAS reads the variable once, when numpy loads it: importing llmtp first must set it
+    env = {name: value for name, value in os.environ.items() if name != "OPENBLAS_THREAD_TIMEOUT"}
+    if users_value is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = users_value
+    probe = "import llmtp.coordinator.cli, os; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    shown = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip() == (users_value or "20")

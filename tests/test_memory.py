@@ -1,9 +1,11 @@
 """Contexts are priced before they are allocated (issue 12.7): a header claiming 2^30 positions is
 refused in one line saying how much it needs and what fits."""
 
+import numpy as np
 import pytest
 
 from llmtp.common.errors import ConfigError
+from llmtp.common.model.transformer import KVCache
 from llmtp.common.model.memory import check_context, context_bytes, kv_cache_bytes, largest_context, with_context
 from model_factory import make_config
 
@@ -38,3 +40,40 @@ def test_with_context_refuses_more_than_the_model_has():
     for bad in (0, 33):
         with pytest.raises(ConfigError, match="outside 1..32"):
             with_context(config, bad, "m")
+
+
+def vm_flags_of(address: int) -> list[str] | None:
+    """The VmFlags of the mapping holding `address` (from /proc/self/smaps), None off Linux."""
+    try:
+        smaps = open("/proc/self/smaps").read().splitlines()
+    except OSError:
+        return None
+    inside = False
+    for line in smaps:
+        head = line.split()[0]
+        if "-" in head and all(part and all(c in "0123456789abcdef" for c in part) for part in head.split("-")):
+            start, stop = (int(part, 16) for part in head.split("-"))
+            inside = start <= address < stop
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    return None
+
+
+def test_the_kv_cache_is_zeros_on_ordinary_pages():
+    # np.zeros would madvise 2 MiB pages (flag "hg") on an allocation this large; their first
+    # writes may compact memory (~100 ms of a first step), so the cache must not ask for them
+    cache = KVCache(n_layers=2, n_slots=2, n_kv_heads_local=4, seq_len=1024, head_dim=64)  # 8 MiB each
+    for array in (cache.keys, cache.values):
+        assert array.shape == (2, 2, 4, 1024, 64) and array.dtype == np.float32 and not array.any()
+        array[1, 1, 3, 1023] = 1.5  # writable
+        assert array[1, 1, 3, 1023, 63] == 1.5
+        flags = vm_flags_of(array.ctypes.data + array.nbytes // 2)  # numpy advises whole 2 MiB pages only
+        if flags is None:
+            pytest.skip("no /proc/self/smaps here")
+        assert "hg" not in flags, flags
+    assert cache.n_bytes == kv_cache_bytes(make_config(dim=256, n_layers=2, n_heads=4, n_kv_heads=4, seq_len=1024),
+                                          n_slots=2)
+
+
+def test_an_empty_cache_is_allowed():
+    assert KVCache(n_layers=1, n_slots=0, n_kv_heads_local=2, seq_len=8, head_dim=4).n_bytes == 0

@@ -376,6 +376,29 @@ def test_bin_with_invalid_utf8_piece(tmp_path):
     assert_one_line_naming(error, path, "token 0", "UTF-8")
 
 
+def test_bin_names_the_first_piece_that_is_not_utf8(tmp_path):
+    good = [(f"piece{i}".encode(), 0.0) for i in range(7)]
+    pieces = good[:5] + [(b"ok\xc3", 0.0)] + good[5:]  # a two-byte sequence cut after its lead byte
+    path = tmp_path / "bad_utf8_later.bin"
+    path.write_bytes(struct.pack("<I", 8) + b"".join(struct.pack("<fi", score, len(piece)) + piece
+                                                     for piece, score in pieces))
+    with pytest.raises(FormatError) as error:
+        load_tokenizer(path)
+    assert_one_line_naming(error, path, "token 5 ", "UTF-8")
+
+
+def test_a_repeated_piece_encodes_as_its_first_id(tmp_path):
+    # SentencePiece matches the first id of a piece that appears twice; the later one only decodes
+    pieces = [("<unk>", 0.0), ("\n<s>\n", 0.0), ("\n</s>\n", 0.0)] + byte_pieces() + \
+        [(" a", -1.0), ("b", -2.0), (" a", 5.0), ("b", 0.0)]
+    tokenizer = load_tokenizer(write_bin(tmp_path / "repeats.bin", pieces))
+    first_a, first_b, second_a, second_b = range(3 + 256, 3 + 256 + 4)
+    assert tokenizer.encode("a", bos=False) == [first_a]
+    assert tokenizer.encode("a b", bos=False) == [first_a, 3 + ord(" "), first_b]  # " b" is no piece
+    assert tokenizer.decode([second_a, second_b]) == " ab"
+    assert tokenizer.decode([first_b]) == "b"
+
+
 def test_garbage_model(tmp_path):
     path = tmp_path / "garbage.model"
     path.write_bytes(random.Random(3).randbytes(2000))

@@ -118,13 +118,13 @@ class Tokenizer:
         self.vocab_size = len(pieces)
         self.add_dummy_prefix = add_dummy_prefix
         self.remove_extra_whitespaces = remove_extra_whitespaces
+        self._kinds = tuple(kinds)
+        self._run_c_bytes = run_c_bytes
         self._merges = _mergeable_pieces(pieces, scores, kinds)
         self._byte_ids = _run_c_byte_ids(len(pieces), source) if run_c_bytes else _byte_piece_ids(pieces, kinds, source)
-        self._surfaces = tuple(_surface_bytes(piece, kind, run_c_bytes) for piece, kind in zip(pieces, kinds))
-        # run.c: the dummy-prefix space of the first word is not printed (byte pieces keep theirs)
-        self._surfaces_after_bos = tuple(
-            surface[1:] if kind != BYTE and surface.startswith(b" ") else surface
-            for surface, kind in zip(self._surfaces, kinds))
+        # what each id prints as, filled in as ids are first printed: a stream prints a few
+        # hundred distinct ids, and spelling all 32000 up front was a fifth of loading one
+        self._surfaces: list[bytes | None] = [None] * len(pieces)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         normalized = normalize(text, self.add_dummy_prefix, self.remove_extra_whitespaces)
@@ -155,9 +155,13 @@ class Tokenizer:
         """What `token_id` prints as when it follows `previous_id` (None: first token)."""
         if not 0 <= token_id < self.vocab_size:
             raise ValueError(f"token id {token_id} is outside the vocabulary [0, {self.vocab_size})")
-        if previous_id == self.bos_id:
-            return self._surfaces_after_bos[token_id]
-        return self._surfaces[token_id]
+        surface = self._surfaces[token_id]
+        if surface is None:
+            surface = self._surfaces[token_id] = _surface_bytes(self.pieces[token_id], self._kinds[token_id],
+                                                                self._run_c_bytes)
+        if previous_id == self.bos_id and self._kinds[token_id] != BYTE and surface.startswith(b" "):
+            return surface[1:]  # run.c: the dummy-prefix space of the first word is not printed
+        return surface
 
 
 class StreamDecoder:
@@ -185,11 +189,9 @@ class StreamDecoder:
 
 def _mergeable_pieces(pieces, scores, kinds) -> dict[str, tuple[float, int]]:
     # Like SentencePiece, only normal pieces are matched from text; the first id wins a duplicate.
-    merges: dict[str, tuple[float, int]] = {}
-    for token_id, (piece, score, kind) in enumerate(zip(pieces, scores, kinds)):
-        if kind == NORMAL and piece not in merges:
-            merges[piece] = (score, token_id)
-    return merges
+    normal = [token_id for token_id, kind in enumerate(kinds) if kind == NORMAL]
+    # built from the last id down, so where a piece repeats the first id's entry is written last
+    return {pieces[token_id]: (scores[token_id], token_id) for token_id in reversed(normal)}
 
 
 def _byte_piece_ids(pieces, kinds, source: str) -> tuple[int, ...]:
@@ -260,56 +262,67 @@ def _read_bin(path: Path, data: bytes, vocab_size: int | None,
     if len(data) < 4:
         raise FormatError(f"tokenizer {path} is {len(data)} bytes, shorter than its 4-byte header")
     (max_token_length,) = struct.unpack_from("<I", data, 0)
-    pieces: list[str] = []
+    raw: list[bytes] = []
     scores: list[float] = []
-    offset = 4
-    while len(pieces) != vocab_size and (vocab_size is not None or offset < len(data)):
-        if offset == len(data):
-            raise FormatError(f"tokenizer {path} has {len(pieces)} tokens "
+    offset, n_bytes = 4, len(data)
+    score_and_length = struct.Struct("<fi").unpack_from
+    # one loop without calls of its own: 32000 pieces are read before every first token;
+    # anything out of place goes to _bin_token_fault, which says what is wrong
+    while len(raw) != vocab_size and (vocab_size is not None or offset < n_bytes):
+        if offset == n_bytes:
+            raise FormatError(f"tokenizer {path} has {len(raw)} tokens "
                               f"but the model's vocabulary needs {vocab_size}")
-        piece, score, offset = _read_bin_token(data, offset, len(pieces), max_token_length, path)
-        pieces.append(piece)
+        if offset + 8 > n_bytes:
+            raise _bin_token_fault(data, offset, len(raw), max_token_length, path)
+        score, length = score_and_length(data, offset)
+        start, offset = offset + 8, offset + 8 + length
+        if not 0 <= length <= max_token_length or offset > n_bytes:
+            raise _bin_token_fault(data, start - 8, len(raw), max_token_length, path)
+        raw.append(data[start:offset])
         scores.append(score)
-    if not allow_longer and offset < len(data):
+    if not allow_longer and offset < n_bytes:
         raise _longer_than_the_model(path, "more tokens", vocab_size)
+    try:
+        pieces = [piece.decode("utf-8") for piece in raw]
+    except UnicodeDecodeError:
+        bad = next(token_id for token_id, piece in enumerate(raw) if not _is_utf8(piece))
+        raise FormatError(f"tokenizer {path}: token {bad} is not valid UTF-8: {raw[bad]!r}") from None
     return pieces, scores
 
 
-def _read_bin_token(data: bytes, offset: int, token_id: int, max_token_length: int,
-                    path: Path) -> tuple[str, float, int]:
-    """One token's (piece, score, offset of the next token)."""
-    if offset + 8 > len(data):
-        raise FormatError(f"tokenizer {path} is truncated: token {token_id}'s 8-byte score and length "
-                          f"start at byte {offset} but the file ends at byte {len(data)}")
-    score, length = struct.unpack_from("<fi", data, offset)
-    if not 0 <= length <= max_token_length:
-        raise FormatError(f"tokenizer {path}: token {token_id} is {length} bytes long, "
-                          f"expected 0..{max_token_length} (the header's max_token_length)")
-    start, end = offset + 8, offset + 8 + length
-    if end > len(data):
-        raise FormatError(f"tokenizer {path} is truncated: token {token_id} needs bytes {start}..{end} "
-                          f"but the file ends at byte {len(data)}")
+def _is_utf8(data: bytes) -> bool:
     try:
-        piece = data[start:end].decode("utf-8")
+        data.decode("utf-8")
     except UnicodeDecodeError:
-        raise FormatError(f"tokenizer {path}: token {token_id} is not valid UTF-8: "
-                          f"{data[start:end]!r}") from None
-    return piece, score, end
+        return False
+    return True
+
+
+def _bin_token_fault(data: bytes, offset: int, token_id: int, max_token_length: int, path: Path) -> FormatError:
+    """What is wrong with the token whose score starts at `offset` (the loop found it out of place)."""
+    if offset + 8 > len(data):
+        return FormatError(f"tokenizer {path} is truncated: token {token_id}'s 8-byte score and length "
+                           f"start at byte {offset} but the file ends at byte {len(data)}")
+    _, length = struct.unpack_from("<fi", data, offset)
+    if not 0 <= length <= max_token_length:
+        return FormatError(f"tokenizer {path}: token {token_id} is {length} bytes long, "
+                           f"expected 0..{max_token_length} (the header's max_token_length)")
+    start, end = offset + 8, offset + 8 + length
+    return FormatError(f"tokenizer {path} is truncated: token {token_id} needs bytes {start}..{end} "
+                       f"but the file ends at byte {len(data)}")
 
 
 def _bin_piece_kinds(pieces: list[str]) -> list[str]:
     # A .bin has no piece types; llama2.c's export keeps SentencePiece's layout:
     # 0 <unk>, 1 BOS, 2 EOS, then <0x00>..<0xFF> at ids 3..258.
-    kinds = []
-    for token_id, piece in enumerate(pieces):
+    kinds = [NORMAL] * len(pieces)
+    for token_id, piece in enumerate(pieces[:3 + 256]):
         if token_id == Tokenizer.unk_id:
-            kinds.append(UNKNOWN)
+            kinds[token_id] = UNKNOWN
         elif token_id in (Tokenizer.bos_id, Tokenizer.eos_id):
-            kinds.append(CONTROL)
-        elif 3 <= token_id < 3 + 256 and piece == f"<0x{token_id - 3:02X}>":
-            kinds.append(BYTE)
-        else:
-            kinds.append(NORMAL)
+            kinds[token_id] = CONTROL
+        elif token_id >= 3 and piece == f"<0x{token_id - 3:02X}>":
+            kinds[token_id] = BYTE
     return kinds
 
 

@@ -1,6 +1,6 @@
 """What a context costs in memory, checked before anything is allocated.
 
-The KV cache is allocated lazily (np.zeros maps pages on first touch), so a header that
+The KV cache is allocated lazily (an anonymous map: pages on first touch), so a header that
 claims a context of 2^30 positions does not fail at allocation but later, at a random
 step, or in the RoPE table (eagerly built, seq_len x head_dim/2). Every engine asks
 `check_context` first and refuses, in one line, a context that cannot fit."""

@@ -7,6 +7,7 @@ one process, a round trip to the coordinator for a worker. Its arithmetic is one
 for a llama2.c version 2 file.
 """
 
+import mmap
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -48,15 +49,27 @@ def syncs_per_step(n_layers: int) -> int:
     return SYNCS_PER_LAYER * n_layers
 
 
+def small_page_zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """float32 zeros on an anonymous map of ordinary pages. np.zeros asks the kernel for 2 MiB
+    pages on anything from 4 MiB (MADV_HUGEPAGE), and with THP defrag on "madvise" each first
+    write to such a page may compact memory first: a step's first writes to the cache (one
+    page per head and layer) took ~100 ms of a 5-token prompt's first step, for no later gain
+    (attention reads the cache in long sequential runs)."""
+    n_bytes = int(np.prod(shape)) * np.dtype(np.float32).itemsize
+    if n_bytes == 0:
+        return np.zeros(shape, dtype=np.float32)
+    return np.frombuffer(mmap.mmap(-1, n_bytes, flags=mmap.MAP_PRIVATE), dtype=np.float32).reshape(shape)
+
+
 class KVCache:
     """Keys and values of this worker's kv heads: (n_layers, n_slots, n_kv_heads_local, seq_len, head_dim).
 
-    np.zeros maps pages lazily, so resident memory grows with the positions used."""
+    Pages are mapped lazily, so resident memory grows with the positions used."""
 
     def __init__(self, n_layers: int, n_slots: int, n_kv_heads_local: int, seq_len: int, head_dim: int):
         shape = (n_layers, n_slots, n_kv_heads_local, seq_len, head_dim)
-        self.keys = np.zeros(shape, dtype=np.float32)
-        self.values = np.zeros(shape, dtype=np.float32)
+        self.keys = small_page_zeros(shape)
+        self.values = small_page_zeros(shape)
 
     @property
     def n_slots(self) -> int:
