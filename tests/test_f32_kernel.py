@@ -70,3 +70,25 @@ def test_bad_calls_raise_value_error(call):
     weights = np.ones((40, 24), np.float32)
     with pytest.raises(ValueError):
         call(weights, np.ones((1, 24), np.float32))
+
+
+@pytest.mark.skipif("vnni" not in kernels.available_backends(), reason="no AVX-512 (VL, VNNI) here")
+@pytest.mark.parametrize("shape", [(1, 8), (3, 9), (7, 17), (8, 24), (31, 100), (101, 768), (64, 2048)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+def test_the_avx512_rows_give_the_avx2_rows_bits(shape):
+    """From 5 tokens the vnni backend reads two rows at a time in 16-lane registers (csrc/f32.c);
+    every lane must do the AVX2 rows' multiply-adds in their order: odd row counts (a pair and a
+    single row), columns with a last 8-column chunk and a scalar tail, every token count."""
+    rng = np.random.default_rng(shape[0] * 7 + shape[1])
+    weights = rng.standard_normal(shape).astype(np.float32)
+    x = rng.standard_normal((kernels.F32_MAX_TOKENS, shape[1])).astype(np.float32)
+    previous = kernels.use_backend("avx2")
+    try:
+        narrow = [kernels.matmul_f32(weights, x[:tokens], n_threads=1) for tokens in range(1, 9)]
+        kernels.use_backend("vnni")
+        for tokens in range(1, 9):
+            for n_threads in (1, 2, 3):
+                np.testing.assert_array_equal(kernels.matmul_f32(weights, x[:tokens], n_threads=n_threads),
+                                              narrow[tokens - 1], err_msg=f"{tokens} tokens, {n_threads} threads")
+    finally:
+        kernels.use_backend(previous)

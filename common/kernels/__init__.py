@@ -19,7 +19,7 @@ matmul_f32 is the float32 product of decode: at most F32_MAX_TOKENS tokens, each
 streamed once for all of them (OpenBLAS's sgemm packs the matrix and streams a few tokens
 at a quarter of sgemv's speed), each output summed the same way whatever the token count, so
 a sequence gets the same bits alone and batched. AVX2 only (has_f32_kernel()); elsewhere
-the Matrix type uses BLAS.
+the Matrix type uses BLAS. attend (attention.py) is the float32 op set's attention, AVX2 only.
 
 Also runq.c's element-wise steps (runq_rmsnorm, runq_rope, runq_attention, runq_swiglu, and the
 per-group terms of its product with their ordered sum): common/model/numerics.py's llama2.c v2 op set.
@@ -157,7 +157,8 @@ def matmul_f32(weights: np.ndarray, x: np.ndarray, out: np.ndarray | None = None
     if not 1 <= x.shape[0] <= F32_MAX_TOKENS:
         raise ValueError(f"x has {x.shape[0]} tokens; the float32 kernel takes 1..{F32_MAX_TOKENS}")
     out = _output(out, x.shape[0], rows)
-    _native.matmul_f32(weights, cols, rows, cols, x, x.shape[0], out, threads() if n_threads is None else n_threads)
+    _native.matmul_f32(weights, cols, rows, cols, x, x.shape[0], out, threads() if n_threads is None else n_threads,
+                       _ISA[_backend])
     return out
 
 
@@ -392,6 +393,8 @@ def runq_ordered_sum(terms: np.ndarray) -> np.ndarray:
     return out
 
 
-__all__ = ["matmul_f32", "has_f32_kernel", "F32_MAX_TOKENS", "threads", "THREADS", "dequantize_gguf", "dequantize_llama2c", "matmul_gguf", "matmul_q8_0", "matmul_q4_0", "matmul_q4_1", "matmul_llama2c_q8", "backend", "backend_info",
+__all__ = ["matmul_f32", "attend", "has_f32_kernel", "F32_MAX_TOKENS", "threads", "THREADS", "dequantize_gguf", "dequantize_llama2c", "matmul_gguf", "matmul_q8_0", "matmul_q4_0", "matmul_q4_1", "matmul_llama2c_q8", "backend", "backend_info",
            "use_backend", "available_backends", "default_threads", "row_bytes", "QK", "BLOCK_BYTES",
            "runq_rmsnorm", "runq_rope", "runq_attention", "runq_swiglu", "runq_group_terms", "runq_ordered_sum"]
+
+from .attention import attend  # noqa: E402  (it calls the helpers above)

@@ -21,6 +21,7 @@ worker's groups only (stories260K's text then parts from runq.c's at byte 429 wi
 """
 
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -33,15 +34,47 @@ from .q8_grouped import GroupedQ8Matrix
 from .split import SliceSpec
 from .weights import ShardWeights
 
+OneSequenceAttention = Callable[[np.ndarray, np.ndarray, np.ndarray, int], np.ndarray]
+
+
+def attend_each(attention: OneSequenceAttention, q: np.ndarray, k: np.ndarray, v: np.ndarray, keys: np.ndarray,
+                values: np.ndarray, sequences: Sequence) -> np.ndarray:
+    """A step's attention one sequence at a time: its keys and values into its slot of the layer's
+    cache (keys, values: (n_slots, n_kv_local, seq_len, D)), then `attention` of its queries.
+    q (T, H_local, D), k and v (T, n_kv_local, D), sequences (StepSequence) in row order."""
+    heads_out = np.empty_like(q)
+    row = 0
+    for seq in sequences:
+        rows = slice(row, row + seq.n_tokens)
+        end = seq.start_position + seq.n_tokens
+        cached_keys, cached_values = keys[seq.slot], values[seq.slot]  # (n_kv_local, seq_len, D)
+        cached_keys[:, seq.start_position:end] = k[rows].transpose(1, 0, 2)
+        cached_values[:, seq.start_position:end] = v[rows].transpose(1, 0, 2)
+        heads_out[rows] = attention(q[rows], cached_keys, cached_values, seq.start_position)
+        row += seq.n_tokens
+    return heads_out
+
+
+def kv_head_of_each_head(spec: SliceSpec, config: ModelConfig) -> np.ndarray:
+    """(n_heads_local,) int32: the local kv head each local query head reads."""
+    kv_of_head = np.empty(spec.n_heads_local, dtype=np.int32)
+    for kv_local, first_head, stop_head in spec.kv_groups(config):
+        kv_of_head[first_head:stop_head] = kv_local
+    return kv_of_head
+
 RUNQ_STORAGE = GroupedQ8Matrix.type_tag  # llama2.c version 2: every matrix int8 in groups
 
 
 @dataclass(frozen=True)
 class NumpyOps:
-    """common/model/ops.py's arithmetic. kv_groups: (local kv head, first, stop local query head)."""
+    """common/model/ops.py's arithmetic, with a step's attention in C where the float32 kernels run
+    (kernels.attend: one call per layer for every sequence, not one numpy call per sequence; 12 of
+    a 54 ms 110M step of 8 decoding sequences went to those). kv_groups: (local kv head, first,
+    stop local query head)."""
 
     config: ModelConfig
     kv_groups: tuple[tuple[int, int, int], ...]
+    kv_of_head: np.ndarray = field(repr=False)  # (n_heads_local,) int32
     rotations: np.ndarray = field(repr=False)  # (seq_len, head_dim / 2) complex64
     heads_per_kv_head: int | None  # set when every local kv head serves as many query heads
 
@@ -50,8 +83,8 @@ class NumpyOps:
     @classmethod
     def for_slice(cls, config: ModelConfig, spec: SliceSpec, ordered_sums: bool = True) -> "NumpyOps":
         kv_groups = tuple(spec.kv_groups(config))
-        return cls(config, kv_groups, rope_rotations(config.seq_len, config.head_dim, config.rope_theta),
-                   _uniform_group_size(kv_groups))
+        return cls(config, kv_groups, kv_head_of_each_head(spec, config),
+                   rope_rotations(config.seq_len, config.head_dim, config.rope_theta), _uniform_group_size(kv_groups))
 
     def rmsnorm(self, x: np.ndarray, weight: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return rmsnorm(x, weight, self.config.norm_eps, out=out)
@@ -60,8 +93,18 @@ class NumpyOps:
         """x: (T, H, D) -> rotated (T, H, D)."""
         return apply_rope(x, self.rotations[positions])
 
+    def attend(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, keys: np.ndarray, values: np.ndarray,
+               sequences: Sequence, positions: np.ndarray) -> np.ndarray:
+        """A step's k, v into the layer's cache (n_slots, n_kv_local, seq_len, D), then every
+        sequence's attention: (T, H_local, D). positions: (T,) each row's position."""
+        if not kernels.has_f32_kernel():
+            return attend_each(self.attention, q, k, v, keys, values, sequences)
+        token_slots = np.repeat(np.array([s.slot for s in sequences], dtype=np.int32),
+                                [s.n_tokens for s in sequences])
+        return kernels.attend(q, k, v, keys, values, self.kv_of_head, token_slots, positions)
+
     def attention(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, start_position: int) -> np.ndarray:
-        """q: (T, H_local, D) of one sequence at start_position..; keys, values: its slot's cache
+        """numpy's attention (where the C kernels do not run). q: (T, H_local, D) of one sequence at start_position..; keys, values: its slot's cache
         (n_kv_local, seq_len, D). Returns (T, H_local, D)."""
         n_tokens, head_dim = q.shape[0], q.shape[2]
         end = start_position + n_tokens
@@ -105,9 +148,7 @@ class RunqOps:
 
     @classmethod
     def for_slice(cls, config: ModelConfig, spec: SliceSpec, ordered_sums: bool = True) -> "RunqOps":
-        kv_of_head = np.empty(spec.n_heads_local, dtype=np.int32)
-        for kv_local, first_head, stop_head in spec.kv_groups(config):
-            kv_of_head[first_head:stop_head] = kv_local
+        kv_of_head = kv_head_of_each_head(spec, config)
         # one slice holding every head and FFN unit: its product already adds every group in
         # order (runq.c's matmul), so the per-group terms would only cost time
         whole = spec.heads == (0, config.n_heads) and spec.hidden == (0, config.hidden_dim)
@@ -118,6 +159,10 @@ class RunqOps:
 
     def rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
         return kernels.runq_rope(np.array(x, dtype=np.float32, order="C"), positions, self.config.rope_theta)
+
+    def attend(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, keys: np.ndarray, values: np.ndarray,
+               sequences: Sequence, positions: np.ndarray) -> np.ndarray:
+        return attend_each(self.attention, q, k, v, keys, values, sequences)
 
     def attention(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, start_position: int) -> np.ndarray:
         positions = np.arange(start_position, start_position + q.shape[0])

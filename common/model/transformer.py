@@ -143,17 +143,8 @@ class SliceModel:
         v = v.reshape(n_tokens, self.spec.n_kv_heads_local, head_dim)
         q, k = self.numerics.rope(q, positions), self.numerics.rope(k, positions)
 
-        heads_out = np.empty_like(q)  # (T, n_heads_local, head_dim)
-        row = 0
-        for seq in sequences:
-            rows = slice(row, row + seq.n_tokens)
-            end = seq.start_position + seq.n_tokens
-            cached_keys = self.cache.keys[layer_index, seq.slot]  # (n_kv_local, seq_len, D)
-            cached_values = self.cache.values[layer_index, seq.slot]
-            cached_keys[:, seq.start_position:end] = k[rows].transpose(1, 0, 2)
-            cached_values[:, seq.start_position:end] = v[rows].transpose(1, 0, 2)
-            heads_out[rows] = self.numerics.attention(q[rows], cached_keys, cached_values, seq.start_position)
-            row += seq.n_tokens
+        heads_out = self.numerics.attend(q, k, v, self.cache.keys[layer_index], self.cache.values[layer_index],
+                                         sequences, positions)  # (T, n_heads_local, head_dim)
         return self.numerics.partial(heads_out.reshape(n_tokens, -1), layer.wo, *self.wo_columns)
 
     def ffn_partial(self, layer_index: int, x: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-/* CPython binding: _native.matmul(...), _native.cpu_has_avx2() and cpu_has_vnni().
+/* CPython binding: _native.matmul(...), attend(...), _native.cpu_has_avx2() and cpu_has_vnni().
  *
  * Buffers arrive through the buffer protocol (numpy arrays from kernels/__init__.py, which
  * checks dtypes and shapes); their lengths are checked again here, so a wrong call raises
@@ -7,7 +7,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdlib.h>
+#include <string.h>
 
+#include "attend.h"
 #include "dot.h"
 #include "f32.h"
 #include "pool.h"
@@ -89,13 +91,15 @@ done:
 
 static PyObject *matmul_f32(PyObject *self, PyObject *args) {
     (void)self;
-    int rows, cols, tokens, n_threads;
+    int rows, cols, tokens, n_threads, isa;
     Py_ssize_t row_stride;
     Py_buffer weights = {0}, x = {0}, out = {0};
-    if (!PyArg_ParseTuple(args, "y*niiy*iw*i", &weights, &row_stride, &rows, &cols, &x, &tokens, &out, &n_threads))
+    if (!PyArg_ParseTuple(args, "y*niiy*iw*ii", &weights, &row_stride, &rows, &cols, &x, &tokens, &out, &n_threads,
+                          &isa))
         return NULL;
     PyObject *result = NULL;
-    if (rows < 1 || cols < 1 || tokens < 1 || tokens > F32_MAX_TOKENS || row_stride < cols || !cpu_has_avx2()) {
+    if (rows < 1 || cols < 1 || tokens < 1 || tokens > F32_MAX_TOKENS || row_stride < cols || !cpu_has_avx2() ||
+        (isa != ISA_AVX2 && isa != ISA_VNNI) || (isa == ISA_VNNI && !cpu_has_vnni())) {
         PyErr_SetString(PyExc_ValueError, "bad shape, or no AVX2 here");
         goto done;
     }
@@ -103,7 +107,7 @@ static PyObject *matmul_f32(PyObject *self, PyObject *args) {
         check_length(&x, sizeof(float) * (size_t)tokens * cols, "x") ||
         check_length(&out, sizeof(float) * (size_t)tokens * rows, "out"))
         goto done;
-    f32_product_t p = {weights.buf, row_stride, rows, cols, tokens, x.buf, out.buf};
+    f32_product_t p = {weights.buf, row_stride, rows, cols, tokens, x.buf, out.buf, isa == ISA_VNNI};
     Py_BEGIN_ALLOW_THREADS
     pool_run(f32_part, &p, parts_for(n_threads, rows));
     Py_END_ALLOW_THREADS
@@ -319,13 +323,101 @@ done:
     return result;
 }
 
+/* ---- one layer's attention for every token of a step (attend.c) ---- */
+
+static void attend_part(void *context, int index, int count) {
+    const attend_t *a = context;
+    attend_items_avx2(a, a->scores + (long)index * a->scores_stride, index, count);
+}
+
+/* The product of the factors; 0 when one is negative or the product overflows (no buffer is 0 bytes
+ * long here, so the caller's check fails). */
+static size_t size_product(int n, const int *factors) {
+    size_t total = 1;
+    for (int i = 0; i < n; i++)
+        if (factors[i] < 0 || __builtin_mul_overflow(total, (size_t)factors[i], &total)) return 0;
+    return total;
+}
+
+static int check_indices(const Py_buffer *buffer, int limit, const char *what) {
+    const int32_t *values = buffer->buf;
+    for (size_t i = 0; i < (size_t)buffer->len / sizeof(int32_t); i++)
+        if (values[i] < 0 || values[i] >= limit) {
+            PyErr_Format(PyExc_ValueError, "%s %d outside 0..%d", what, values[i], limit - 1);
+            return -1;
+        }
+    return 0;
+}
+
+static PyObject *py_attend(PyObject *self, PyObject *args) {
+    (void)self;
+    int tokens, n_heads, n_kv, n_slots, seq_len, head_dim, n_threads;
+    Py_buffer out = {0}, q = {0}, k = {0}, v = {0}, keys = {0}, values = {0}, kv_of_head = {0}, token_slot = {0},
+              token_position = {0};
+    if (!PyArg_ParseTuple(args, "w*y*y*y*w*w*y*y*y*iiiiiii", &out, &q, &k, &v, &keys, &values, &kv_of_head,
+                          &token_slot, &token_position, &tokens, &n_heads, &n_kv, &n_slots, &seq_len, &head_dim,
+                          &n_threads))
+        return NULL;
+    PyObject *result = NULL;
+    float *scores = NULL;
+    int q_shape[] = {tokens, n_heads, head_dim, (int)sizeof(float)}, kv_shape[] = {tokens, n_kv, head_dim, (int)sizeof(float)};
+    int cache_shape[] = {n_slots, n_kv, seq_len, head_dim, (int)sizeof(float)};
+    size_t q_bytes = size_product(4, q_shape), kv_bytes = size_product(4, kv_shape), cache_bytes = size_product(5, cache_shape);
+    if (tokens < 1 || n_heads < 1 || n_kv < 1 || n_slots < 1 || seq_len < 1 || head_dim < 1 || !q_bytes || !kv_bytes ||
+        !cache_bytes || seq_len > INT32_MAX - 8 || !cpu_has_avx2()) {
+        PyErr_SetString(PyExc_ValueError, "bad shape, or no AVX2 here");
+        goto done;
+    }
+    if (check_length(&out, q_bytes, "out") || check_length(&q, q_bytes, "q") || check_length(&k, kv_bytes, "k") ||
+        check_length(&v, kv_bytes, "v") || check_length(&keys, cache_bytes, "keys") ||
+        check_length(&values, cache_bytes, "values") ||
+        check_length(&kv_of_head, sizeof(int32_t) * (size_t)n_heads, "kv_of_head") ||
+        check_length(&token_slot, sizeof(int32_t) * (size_t)tokens, "token_slot") ||
+        check_length(&token_position, sizeof(int32_t) * (size_t)tokens, "token_position") ||
+        check_indices(&kv_of_head, n_kv, "kv head") || check_indices(&token_slot, n_slots, "slot") ||
+        check_indices(&token_position, seq_len, "position"))
+        goto done;
+    int parts = parts_for(n_threads, tokens * n_heads), stride = (seq_len + 7) & ~7;
+    scores = malloc(sizeof(float) * (size_t)parts * stride);
+    if (!scores) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    attend_t a = {out.buf, q.buf, keys.buf, values.buf, kv_of_head.buf, token_slot.buf, token_position.buf,
+                  tokens, n_heads, n_kv, seq_len, head_dim, scores, stride};
+    Py_BEGIN_ALLOW_THREADS
+    /* every key and value of the step is in the cache before any query reads it */
+    size_t row_bytes = sizeof(float) * (size_t)head_dim;
+    for (int t = 0; t < tokens; t++)
+        for (int j = 0; j < n_kv; j++) {
+            size_t at = (((size_t)a.token_slot[t] * n_kv + j) * seq_len + a.token_position[t]) * head_dim;
+            size_t from = ((size_t)t * n_kv + j) * head_dim;
+            memcpy((float *)keys.buf + at, (const float *)k.buf + from, row_bytes);
+            memcpy((float *)values.buf + at, (const float *)v.buf + from, row_bytes);
+        }
+    pool_run(attend_part, &a, parts);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    free(scores);
+    PyBuffer_Release(&out), PyBuffer_Release(&q), PyBuffer_Release(&k), PyBuffer_Release(&v);
+    PyBuffer_Release(&keys), PyBuffer_Release(&values), PyBuffer_Release(&kv_of_head);
+    PyBuffer_Release(&token_slot), PyBuffer_Release(&token_position);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"matmul", matmul, METH_VARARGS,
      "matmul(format, isa, weights, wscales, group_size, rows, cols, x, tokens, out, n_threads)"},
     {"matmul_f32", matmul_f32, METH_VARARGS,
-     "matmul_f32(weights, row_stride, rows, cols, x, tokens, out, n_threads): float32, at most 8 tokens, AVX2"},
+     "matmul_f32(weights, row_stride, rows, cols, x, tokens, out, n_threads, isa): float32, at most 8 tokens, "
+     "AVX2 (isa 1), 3+ tokens in AVX-512 registers (isa 2)"},
     {"dequantize", dequantize, METH_VARARGS,
      "dequantize(format, weights, wscales, group_size, rows, cols, out): rows expanded to float32"},
+    {"attend", py_attend, METH_VARARGS,
+     "attend(out, q, k, v, keys, values, kv_of_head, token_slot, token_position, tokens, n_heads, n_kv, n_slots, "
+     "seq_len, head_dim, n_threads): k, v into the cache, then causal attention, AVX2"},
     {"runq_rmsnorm", py_runq_rmsnorm, METH_VARARGS, "runq_rmsnorm(x, weight, out, rows, size, eps)"},
     {"runq_rope", py_runq_rope, METH_VARARGS, "runq_rope(vec, positions, tokens, n_heads, head_size, theta)"},
     {"runq_attention", py_runq_attention, METH_VARARGS,
