@@ -152,6 +152,8 @@ class ClusterEngine(Engine):
         deadline = time.monotonic() + timeout
         for link in self.links:
             link.info = self.receive(link, Ready, deadline, "handshake")
+        if self.shared_memory is not None:
+            self.shared_memory.unlink()  # every worker has mapped it (before its READY): nothing can leak now
         if self.reduce_mode in (ReduceMode.PEERS, ReduceMode.SHM):  # shm falls back to the peers for long prefills
             self.connect_peers(session, deadline)
 

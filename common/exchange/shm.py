@@ -15,9 +15,10 @@ the only architecture it is enabled on. Steps longer than capacity_rows (long pr
 use the ZeroMQ peer exchange instead.
 """
 
+import mmap
+import os
+import secrets
 import time
-from multiprocessing import resource_tracker, shared_memory
-
 from typing import Callable
 
 import numpy as np
@@ -32,13 +33,60 @@ def segment_bytes(n_workers: int, capacity_rows: int, dim: int) -> int:
     return n_workers * COUNTER_BYTES + 2 * n_workers * capacity_rows * dim * 4
 
 
+class Segment:
+    """A POSIX shared-memory map of our own. multiprocessing.shared_memory registers every
+    segment, created or only opened, with a resource tracker: a Python process of its own that
+    each coordinator and each worker would start (three interpreter starts on the first step's
+    way, about 0.1 s of 2 cores), and which the coordinator needs not: it unlinks the name as
+    soon as every worker holds the map (see ClusterEngine.handshake), so not even a kill -9
+    can leave it behind."""
+
+    def __init__(self, name: str, size: int, create: bool):
+        import _posixshmem
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        descriptor = _posixshmem.shm_open(name, flags, mode=0o600)
+        self.name = name
+        try:
+            if create:
+                os.ftruncate(descriptor, size)  # a new POSIX segment reads as zeros
+            self.size = os.fstat(descriptor).st_size
+            self.map = mmap.mmap(descriptor, self.size)
+        except BaseException:
+            if create:
+                _posixshmem.shm_unlink(name)
+            raise
+        finally:
+            os.close(descriptor)
+        self.buf = memoryview(self.map)
+        self.linked = create
+
+    def unlink(self) -> None:
+        """Remove the name; the maps stay valid until closed."""
+        if self.linked:
+            import _posixshmem
+            self.linked = False
+            try:
+                _posixshmem.shm_unlink(self.name)
+            except FileNotFoundError:
+                pass
+
+    def close(self) -> None:
+        if self.buf is not None:
+            self.buf.release()
+            self.buf = None
+            self.map.close()
+
+
 class SharedSegment:
     """The coordinator's side: creates (zeroed) and finally unlinks one session's segment."""
 
     def __init__(self, n_workers: int, capacity_rows: int, dim: int):
-        self.memory = shared_memory.SharedMemory(create=True, size=segment_bytes(n_workers, capacity_rows, dim))
-        self.memory.buf[:] = bytes(self.memory.size)
+        self.memory = Segment(f"/llmtp-{secrets.token_hex(8)}", segment_bytes(n_workers, capacity_rows, dim),
+                              create=True)
         self.name = self.memory.name
+
+    def unlink(self) -> None:
+        self.memory.unlink()
 
     def release(self) -> None:
         self.memory.close()
@@ -59,10 +107,7 @@ class ShmExchange(Exchange):
         self.index = index
         self.count = count
         self.capacity_rows = capacity_rows
-        self.segment = shared_memory.SharedMemory(name=name)
-        # The coordinator owns (and unlinks) the segment; Python 3.11 would otherwise also
-        # register it here and unlink it when this worker exits.
-        resource_tracker.unregister(self.segment._name, "shared_memory")
+        self.segment = Segment(name, 0, create=False)  # the coordinator owns (and unlinks) it
         if self.segment.size < segment_bytes(count, capacity_rows, dim):
             self.segment.close()
             raise ValueError(f"shared memory {name} is {self.segment.size} bytes, needs "
