@@ -2,14 +2,19 @@
 (`--config cluster.yaml --index I`). Imports no numpy, so the BLAS thread count can
 still go into the environment before numpy loads."""
 
+from __future__ import annotations
+
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from llmtp.common.cluster.config import ClusterConfig, WorkerEntry, is_loopback, load_cluster_config
+from llmtp.common.cluster.addresses import is_loopback
 from llmtp.common.errors import ConfigError
-from llmtp.common.cluster.keys import load_worker_keys
-from llmtp.common.wire.security import WorkerKeys
+
+if TYPE_CHECKING:  # yaml and ZeroMQ's authenticator (~50 ms of a start) load only for --config
+    from llmtp.common.cluster.config import ClusterConfig, WorkerEntry
+    from llmtp.common.wire.security import WorkerKeys
 
 DEFAULT_BIND = "tcp://127.0.0.1:*"
 DEFAULT_REDUCE_TIMEOUT = 60.0
@@ -54,6 +59,8 @@ def settings_from_args(args) -> WorkerSettings:
         raise ConfigError(f"{', '.join(given)} cannot go with --config (the config's worker entry sets them)")
     if args.index is None:
         raise ConfigError("--config needs --index I (this worker's position in the config's workers list)")
+    from llmtp.common.cluster.config import load_cluster_config
+    from llmtp.common.cluster.keys import load_worker_keys
     config = load_cluster_config(args.config)
     entry = config.worker(args.index)
     if config.plaintext_notice():

@@ -19,7 +19,6 @@ Imports no numpy: a worker reads its thread count from here before numpy loads.
 """
 
 import dataclasses
-import ipaddress
 import os
 import re
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ import yaml
 
 from llmtp.common.errors import ConfigError
 from llmtp.common.exchange.modes import CONFIG_REDUCE_MODES, ReduceMode
+
+from .addresses import is_loopback
 
 HOST_PATTERN = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 HOST_ALLOWED = "an IPv4 address or a host name (letters, digits, '.', '-')"
@@ -122,15 +123,6 @@ class ClusterConfig:
             return None
         return (f"llmtp: notice: {self.path} has no keys: links are not encrypted "
                 f"(allowed because every address is loopback)")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # A cluster config is a few kilobytes, a few levels deep, and has no use for anchors: anything

@@ -22,12 +22,15 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
 from llmtp.common.errors import ConfigError
+
+if TYPE_CHECKING:
+    from zmq.auth.thread import ThreadAuthenticator
 
 KEY_NAMES = ("coordinator", "worker")
 CONTROL_DOMAIN = "llmtp-control"  # ZAP domain of a worker's control socket
@@ -169,9 +172,11 @@ class KeyGate:
         return False
 
 
-def start_worker_authenticator(context: zmq.Context, keys: WorkerKeys, log) -> ThreadAuthenticator:
+def start_worker_authenticator(context: zmq.Context, keys: WorkerKeys, log) -> "ThreadAuthenticator":
     """The ZAP handler of a worker: the control socket admits the coordinator's key, the
     peer inbox the workers' key, nothing else. Start it before binding."""
+    # Here, not at the top: it imports asyncio (~30 ms of every worker's start, keys or none).
+    from zmq.auth.thread import ThreadAuthenticator
     gate = KeyGate({CONTROL_DOMAIN: keys.coordinator_public, PEERS_DOMAIN: keys.worker.public}, log)
     authenticator = ThreadAuthenticator(context)
     for domain in (CONTROL_DOMAIN, PEERS_DOMAIN):  # plain attributes: set before the thread starts
