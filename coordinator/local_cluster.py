@@ -123,8 +123,10 @@ class StartedWorker:
 
 def start_workers(shard_folder: Path, n_workers: int, run_folder: Path, tied_to_us: bool,
                   host: str = "127.0.0.1", cores_per_worker: int | None = None,
-                  secret: bool = False, context: int | None = None) -> list[StartedWorker]:
-    """Start one worker per shard on an ephemeral port and wait for each to announce it.
+                  secret: bool = False, context: int | None = None,
+                  launched: list[subprocess.Popen] | None = None) -> list[StartedWorker]:
+    """Start one worker per shard on an ephemeral port and wait for each to announce it
+    (launched: the processes launch_workers started already with the same arguments).
 
     tied_to_us: the workers exit when this process does (one `generate`); otherwise they
     are detached daemons (`cluster up`) that log into run_folder. secret: every HELLO must
@@ -138,7 +140,10 @@ def start_workers(shard_folder: Path, n_workers: int, run_folder: Path, tied_to_
         return launch_worker(shard_folder / manifest.shards[index].file, index, n_workers, run_folder, tied_to_us,
                              host, cores_per_worker, secret, context)
     try:
-        processes += [launch(index) for index in range(len(manifest.shards))]
+        if launched is not None:
+            processes += launched
+        else:
+            processes += [launch(index) for index in range(len(manifest.shards))]
         started = []
         for index in range(len(processes)):
             shard_bytes = manifest.shards[index].n_bytes
@@ -160,6 +165,59 @@ def start_workers(shard_folder: Path, n_workers: int, run_folder: Path, tied_to_
     except BaseException:
         stop_processes(processes)
         raise
+
+
+def launch_workers(shard_folder: Path, n_workers: int, run_folder: Path, **options) -> list[subprocess.Popen]:
+    """One worker per shard, started without waiting (start_workers(launched=...) waits)."""
+    from llmtp.common.formats.manifest import load_manifest
+    manifest = load_manifest(shard_folder)
+    run_folder.mkdir(parents=True, exist_ok=True)
+    processes: list[subprocess.Popen] = []
+    try:
+        for index, shard in enumerate(manifest.shards):
+            processes.append(launch_worker(shard_folder / shard.file, index, n_workers, run_folder, **options))
+    except BaseException:
+        stop_processes(processes)
+        raise
+    return processes
+
+
+class EarlyWorkers:
+    """The workers of open_local_engine, launched ahead of it: their interpreters start and
+    import (a few hundred ms on a busy machine) while this process still reads the tokenizer
+    and the embedding. Whoever launches them must open_local_engine(early=...) or discard()."""
+
+    def __init__(self, shard_folder: Path, n_workers: int, context: int | None = None):
+        self.shard_folder, self.n_workers, self.context = shard_folder, n_workers, context
+        self.run_folder: Path | None = None
+        self.processes: list[subprocess.Popen] | None = None
+
+    def launch(self) -> None:
+        if self.processes is not None:
+            return
+        from .run_folders import make_run_folder
+        self.run_folder = make_run_folder()
+        try:
+            self.processes = launch_workers(self.shard_folder, self.n_workers, self.run_folder, tied_to_us=True,
+                                            secret=True, context=self.context)
+        except BaseException:
+            shutil.rmtree(self.run_folder, ignore_errors=True)
+            self.run_folder = None
+            raise
+
+    def take(self) -> tuple[Path, list[subprocess.Popen]] | None:
+        """(run folder, processes) once, if launched; from then on they are the engine's."""
+        if self.processes is None:
+            return None
+        taken = (self.run_folder, self.processes)
+        self.run_folder = self.processes = None
+        return taken
+
+    def discard(self) -> None:
+        taken = self.take()
+        if taken:
+            stop_processes(taken[1])
+            shutil.rmtree(taken[0], ignore_errors=True)
 
 
 def announce_path(run_folder: Path, index: int) -> Path:
@@ -291,9 +349,11 @@ class LocalClusterEngine(ClusterEngine):
 
 
 def open_local_engine(shard_folder: Path, n_workers: int, n_slots: int = 1, timeout: float = 30.0,
-                      reduce: str | None = None, cores_per_worker: int | None = None, context: int | None = None):
+                      reduce: str | None = None, cores_per_worker: int | None = None, context: int | None = None,
+                      early: EarlyWorkers | None = None):
     """Start workers for a shard folder and connect to them; close() stops them.
     context: run that many positions (memory.with_context) instead of the model's seq_len.
+    early: workers already launched for this folder, count and context (default cores).
 
     cores_per_worker: pin each worker to that many cores with as many BLAS threads
     (default: the cores shared out evenly, a lone worker unpinned)."""
@@ -303,12 +363,19 @@ def open_local_engine(shard_folder: Path, n_workers: int, n_slots: int = 1, time
     from llmtp.common.model.memory import with_context
     manifest = load_manifest(shard_folder)
     config = with_context(manifest.config, context, str(shard_folder))
-    embedding = load_embedding(manifest)  # verified before any worker or run folder exists
+    taken = early.take() if early is not None else None
+    try:
+        embedding = load_embedding(manifest)  # verified before any worker or run folder exists (unless early)
+    except BaseException:
+        if taken:
+            stop_processes(taken[1])
+            shutil.rmtree(taken[0], ignore_errors=True)
+        raise
     from .run_folders import make_run_folder
-    run_folder = make_run_folder()
+    run_folder, launched = taken or (make_run_folder(), None)
     try:
         started = start_workers(shard_folder, n_workers, run_folder, tied_to_us=True,
-                                cores_per_worker=cores_per_worker, secret=True, context=context)
+                                cores_per_worker=cores_per_worker, secret=True, context=context, launched=launched)
     except BaseException:
         shutil.rmtree(run_folder, ignore_errors=True)
         raise

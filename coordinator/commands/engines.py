@@ -53,6 +53,11 @@ class EnginePlan:
     tokenizer_path: Path
     open: Callable[..., Engine]
     checkpoint_path: Path | None = None  # None for --cluster and --config (the workers hold the model)
+    # --workers: start the worker processes now, for open() to connect to later (their start-up
+    # then overlaps the caller's own, e.g. reading the tokenizer); a caller that launched them
+    # and then does not open must discard() them.
+    launch: Callable[[], None] = lambda: None
+    discard: Callable[[], None] = lambda: None
 
 
 def resolve_model_paths(checkpoint: str | None, tokenizer: str | None) -> tuple[Path, Path]:
@@ -102,12 +107,19 @@ def plan_engine(options: EngineOptions) -> EnginePlan:
         config = with_context(load_manifest(shard_folder).config, options.context, where)
         check_context(config, options.n_slots, where, n_processes=options.workers)
 
+        early = local_cluster.EarlyWorkers(shard_folder, options.workers, options.context)
+
         def open_workers(n_slots: int = options.n_slots) -> Engine:
-            check_context(config, n_slots, where, n_processes=options.workers)  # before any worker starts
+            try:
+                check_context(config, n_slots, where, n_processes=options.workers)  # before any worker starts
+            except BaseException:
+                early.discard()
+                raise
             return recovering(local_cluster.open_local_engine(shard_folder, options.workers, n_slots=n_slots,
                                                               timeout=reply_timeout(options),
-                                                              context=options.context), options)
-        return EnginePlan(config, tokenizer_path, open_workers, checkpoint_path)
+                                                              context=options.context, early=early), options)
+        return EnginePlan(config, tokenizer_path, open_workers, checkpoint_path, launch=early.launch,
+                          discard=early.discard)
 
     from llmtp.common.formats.load import load_model
     from ..local_engine import LocalEngine

@@ -61,17 +61,21 @@ def run(args) -> int:
         from .chat import run_c_chat_mode
         return run_c_chat_mode(args, prompt)
     plan = plan_engine(EngineOptions.from_args(args))
-    tokenizer = open_tokenizer(plan.tokenizer_path, plan.config.vocab_size, allow_longer=args.any_tokenizer)
-    prompt_ids = tokenizer.encode(prompt, bos=True)
-    if not prompt_ids:
-        raise ConfigError("the prompt is empty and this model's tokenizer adds no BOS token: give a prompt (-i)")
-    starts_with_bos = tokenizer.bos_id is not None and prompt_ids[0] == tokenizer.bos_id
-    steps = plan_steps(args.steps, len(prompt_ids), plan.config.seq_len)
-    sampler_seed = args.seed if args.seed > 0 else int(time.time())
-    sampler = Sampler(SamplerConfig(temperature=args.temperature, topp=args.topp, topk=args.topk,
-                                    seed=sampler_seed))
-
-    engine = plan.open()
+    plan.launch()  # the workers start while this process reads the tokenizer
+    try:
+        tokenizer = open_tokenizer(plan.tokenizer_path, plan.config.vocab_size, allow_longer=args.any_tokenizer)
+        prompt_ids = tokenizer.encode(prompt, bos=True)
+        if not prompt_ids:
+            raise ConfigError("the prompt is empty and this model's tokenizer adds no BOS token: give a prompt (-i)")
+        starts_with_bos = tokenizer.bos_id is not None and prompt_ids[0] == tokenizer.bos_id
+        steps = plan_steps(args.steps, len(prompt_ids), plan.config.seq_len)
+        sampler_seed = args.seed if args.seed > 0 else int(time.time())
+        sampler = Sampler(SamplerConfig(temperature=args.temperature, topp=args.topp, topk=args.topk,
+                                        seed=sampler_seed))
+        engine = plan.open()
+    except BaseException:
+        plan.discard()
+        raise
     decoder = tokenizer.stream_decoder()
     if starts_with_bos:
         decoder.push(prompt_ids[0])
