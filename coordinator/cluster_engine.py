@@ -126,12 +126,11 @@ class ClusterEngine(Engine):
                     self.send(link, last_word)
                 except zmq.ZMQError:
                     pass
-        if last_word:
-            time.sleep(0.01)  # let the final frames leave before the sockets close
         for link in self.links:
             if link.socket is not None:
                 link.socket.disable_monitor()
                 link.monitor.close(linger=0)
+                # close() then context.term() waits (up to the linger) until the last word has left
                 link.socket.close(linger=100 if last_word else 0)
             if link.exit_fd is not None:
                 os.close(link.exit_fd)

@@ -20,6 +20,7 @@ START_TIMEOUT = 30.0  # seconds for a worker to bind, plus time to read its shar
 SLOWEST_DISK = 100e6  # bytes/s: a worker reads its whole shard (huge pages, sha256) before it listens
 STOP_TIMEOUT = 3.0  # seconds between each stage of shutdown: ask, terminate, kill
 START_ATTEMPTS = 3  # launches of one worker while a cluster starts (a killed one is started again)
+ANNOUNCE_POLL = 0.005  # seconds between looks for a worker's endpoint file: the first token waits on it
 
 
 def cache_dir() -> Path:
@@ -267,7 +268,7 @@ def wait_for_announce(path: Path, process: subprocess.Popen, index: int, deadlin
             raise WorkerLost(index, f"worker {index} exited with code {process.returncode} while starting")
         if time.monotonic() > deadline:
             raise WorkerLost(index, f"worker {index} did not start within {deadline - started:.0f} s")
-        time.sleep(0.02)
+        time.sleep(ANNOUNCE_POLL)
     return path.read_text().strip()
 
 
