@@ -16,7 +16,6 @@ from typing import Sequence
 
 import numpy as np
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from llmtp.common.exchange.modes import ReduceMode, choose_reduce_mode
 from llmtp.common.exchange.relay import relay_step
@@ -247,6 +246,8 @@ class ClusterEngine(Engine):
                 raise WorkerLost(link.index, f"{link.name} exited with code {link.process.returncode} "
                                              f"({state})")
             while link.monitor.poll(0):
+                # imported here: zmq.utils.monitor brings in asyncio (~25 ms of every start)
+                from zmq.utils.monitor import recv_monitor_message
                 event = recv_monitor_message(link.monitor)
                 if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                     raise WorkerError(f"{link.name} refused our CURVE key ({state}): it admits only its "
