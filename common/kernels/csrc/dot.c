@@ -10,6 +10,8 @@
 #include <string.h>
 #include <immintrin.h>
 
+#include "lanes.h"
+
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 #define VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
 
@@ -146,13 +148,6 @@ AVX2 static inline __m256i dot32_avx2(__m256i w, __m256i x) {
     return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 }
 
-AVX2 static inline float hsum_ps(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 AVX2 static inline int32_t hsum_epi32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
@@ -188,7 +183,7 @@ AVX2 static float row_q8_0_avx2(const uint8_t *row, const int8_t *xq, const floa
         odd = q8_0_block_avx2(row + BYTES, xq + QK, xs[b + 1], odd);
     }
     if (b < nb) even = q8_0_block_avx2(row, xq, xs[b], even);
-    return hsum_ps(_mm256_add_ps(even, odd));
+    return hsum8(_mm256_add_ps(even, odd));
 }
 
 AVX2 static inline __m256 q4_0_block_avx2(const uint8_t *block, const int8_t *xq, float xs, __m256 acc) {
@@ -206,7 +201,7 @@ AVX2 static float row_q4_0_avx2(const uint8_t *row, const int8_t *xq, const floa
         odd = q4_0_block_avx2(row + BYTES, xq + QK, xs[b + 1], odd);
     }
     if (b < nb) even = q4_0_block_avx2(row, xq, xs[b], even);
-    return hsum_ps(_mm256_add_ps(even, odd));
+    return hsum8(_mm256_add_ps(even, odd));
 }
 
 AVX2 static float row_q4_1_avx2(const uint8_t *row, const int8_t *xq, const float *xs, const float *xsum, int nb) {
@@ -219,7 +214,7 @@ AVX2 static float row_q4_1_avx2(const uint8_t *row, const int8_t *xq, const floa
         acc = _mm256_fmadd_ps(_mm256_set1_ps(half_avx2(row) * xs[b]), _mm256_cvtepi32_ps(sums), acc);
         offsets += half_avx2(row + 2) * xsum[b];
     }
-    return hsum_ps(acc) + offsets;
+    return hsum8(acc) + offsets;
 }
 
 /* Same rounding as row_llama2c: the int32 group sums are exact in any order. */
@@ -266,7 +261,7 @@ VNNI static float row_q4_0_vnni(const uint8_t *row, const int8_t *xq, const floa
         odd = q4_0_block_vnni(row + BYTES, xq + QK, offset + 8, xs[b + 1], odd);
     }
     if (b < nb) even = q4_0_block_vnni(row, xq, offset, xs[b], even);
-    return hsum_ps(_mm256_add_ps(even, odd));
+    return hsum8(_mm256_add_ps(even, odd));
 }
 
 VNNI static float row_q4_1_vnni(const uint8_t *row, const int8_t *xq, const float *xs, const float *xsum, int nb) {
@@ -278,7 +273,7 @@ VNNI static float row_q4_1_vnni(const uint8_t *row, const int8_t *xq, const floa
         acc = _mm256_fmadd_ps(_mm256_set1_ps(half_avx2(row) * xs[b]), _mm256_cvtepi32_ps(sums), acc);
         offsets += half_avx2(row + 2) * xsum[b];
     }
-    return hsum_ps(acc) + offsets;
+    return hsum8(acc) + offsets;
 }
 
 /* ---- dispatch ---- */

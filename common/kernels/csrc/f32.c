@@ -10,6 +10,8 @@
 
 #include <immintrin.h>
 
+#include "lanes.h"
+
 #define AVX2 __attribute__((target("avx2,fma")))
 #define AVX512 __attribute__((target("avx2,fma,avx512f")))
 
@@ -22,13 +24,6 @@ enum { PREFETCH_FLOATS = 512 };
 /* The AVX-512 rows below read two rows at a time, and a pair takes twice as long: they ask for
  * weights 4 KB ahead (2 KB gave 15-18 GB/s with 8 tokens on two cores, 4 KB 21.5). */
 enum { PREFETCH_FLOATS_WIDE = 1024 };
-
-AVX2 static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* One row times T tokens from `token`. Every output is summed the same way whatever T is: two
  * 8-lane chains over alternate 8-column chunks of each 16 (two so that a multiply-add does not
