@@ -150,10 +150,19 @@ class ClusterEngine(Engine):
         deadline = time.monotonic() + timeout
         for link in self.links:
             link.info = self.receive(link, Ready, deadline, "handshake")
+        self.syncs_per_step = self.agreed_syncs_per_step()
         if self.shared_memory is not None:
             self.shared_memory.unlink()  # every worker has mapped it (before its READY): nothing can leak now
         if self.reduce_mode in (ReduceMode.PEERS, ReduceMode.SHM):  # shm falls back to the peers for long prefills
             self.connect_peers(session, deadline)
+
+    def agreed_syncs_per_step(self) -> int:
+        """The all-reduces of a step, as every READY says (a v2 file's op set makes more than two
+        per layer); the star relay must answer each one."""
+        said = {link.info.syncs_per_step or syncs_per_step(self.config.n_layers) for link in self.links}
+        if len(said) != 1:
+            raise ProtocolError(f"the workers disagree on the all-reduces of a step: {sorted(said)}")
+        return said.pop()
 
     def release_shared_memory(self) -> None:
         if self.shared_memory is not None:
@@ -196,7 +205,7 @@ class ClusterEngine(Engine):
         for link in self.links:
             self.send(link, step)
         if self.reduce_mode is ReduceMode.STAR and len(self.links) > 1:
-            relay_step(len(self.links), syncs_per_step(self.config.n_layers), x.shape[0], x.shape[1],
+            relay_step(len(self.links), self.syncs_per_step, x.shape[0], x.shape[1],
                        self.receive_partial, self.send_to_all, self.step_id)
         deadline = time.monotonic() + self.timeout
         replies = [self.receive(link, Logits, deadline, f"step {self.step_id}") for link in self.links]

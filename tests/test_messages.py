@@ -30,6 +30,7 @@ EXAMPLES = [
     Peers("s1", ("tcp://127.0.0.1:1", "tcp://127.0.0.1:2")),
     Reduced(4, 1, ROWS), Ping(), Bye(), Shutdown(), Connected(),
     Ready(0, 2, {"index": 0, "heads": [0, 3]}, 99, 5555, 10, 20, 30, 40),
+    Ready(0, 3, {"index": 0, "heads": [0, 3]}, 99, 5555, 10, 20, 30, 40, 72),
     Ready(0, 1, {}, 99, None, 10, 20),
     Partial(3, 0, ROWS), Partial(3, 1, ROWS, session="s", index=1),
     Logits(9, ROWS, 0.25, 0.125), Pong(1, 2, 3, 4, 5), Error("no"),

@@ -250,3 +250,26 @@ def test_prefill_equals_token_by_token_in_runq_mode(stories_v2):
     one_by_one = LocalEngine(checkpoint.config, checkpoint.weights)
     steps = [one_by_one.step(ids[pos:pos + 1], [StepSequence(0, pos, 1)])[0] for pos in range(len(ids))]
     np.testing.assert_array_equal(prefill, np.array(steps))
+
+
+@pytest.mark.parametrize("n_workers, reduce", [(2, "shm"), (2, "star"), (3, "peers")])
+def test_worker_processes_print_runq_text(stories_v2, tmp_path, n_workers, reduce):
+    """Worker processes carry runq.c's running sum over their groups through each exchange (one
+    all-reduce per worker for each of wo and w2), so their text is runq.c's too; summed per worker,
+    2 and 3 workers parted from it at byte 429 of the first prompt (over ZeroMQ, a sync costs ~1 ms
+    on 2 busy cores: only that prompt there)."""
+    from llmtp.common.formats.shard_file import write_shards
+    from llmtp.coordinator.local_cluster import open_local_engine
+
+    checkpoint, tokenizer = stories_v2
+    write_shards(checkpoint, n_workers, tmp_path, progress=False)
+    engine = open_local_engine(tmp_path, n_workers, reduce=reduce)
+    try:
+        assert engine.reduce_mode == reduce
+        assert engine.syncs_per_step == 2 * checkpoint.config.n_layers * n_workers
+        for run in FIXTURE["runs"] if reduce == "shm" else FIXTURE["runs"][:1]:
+            stdout = engine_stdout(engine, tokenizer, run["prompt"], run["steps"])
+            expected = bytes.fromhex(run["stdout_hex"])
+            assert stdout == expected, (run["prompt"], first_difference(stdout, expected))
+    finally:
+        engine.close()

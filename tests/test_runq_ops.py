@@ -82,6 +82,9 @@ def test_group_terms_summed_in_order_are_the_llama2c_product(group_size):
     assert terms.shape == (3, 24, 7) and not terms[:, :, :2].any() and not terms[:, :, 6:].any()
     total = both(kernels.runq_ordered_sum, terms)
     np.testing.assert_array_equal(total, kernels.matmul_llama2c_q8(values, scales, group_size, x))
+    # a sum carried on from the groups before (how workers pass runq.c's running sum along)
+    first_groups = both(kernels.runq_ordered_sum, terms[..., :3])
+    np.testing.assert_array_equal(both(kernels.runq_ordered_sum, terms[..., 3:], first_groups), total)
 
 
 def test_shapes_and_dtypes_are_checked():

@@ -207,9 +207,7 @@ class Worker:
             self.attach_shared_memory(hello)
         if self.model is None or self.model.cache.n_slots != hello.n_slots:
             self.model = None  # the old cache goes before the new one is allocated
-            # the exchanges carry (rows, dim) partials only: no per-group terms (common/model/numerics.py)
-            self.model = SliceModel(self.shard.config, self.shard.spec, self.shard.weights, hello.n_slots,
-                                    ordered_sums=False)
+            self.model = SliceModel(self.shard.config, self.shard.spec, self.shard.weights, hello.n_slots)
         self.session = session
         if self.shard.spec.count == 1:
             session.exchange = NoExchange()
@@ -219,7 +217,8 @@ class Worker:
         stats = self.pong()
         self.reply(identity, Ready(self.shard.spec.index, self.shard.spec.count, self.shard.spec.to_dict(),
                                    os.getpid(), self.peers.port if self.peers else None, stats.shard_bytes,
-                                   stats.kv_cache_bytes, stats.rss_bytes, stats.peak_rss_bytes))
+                                   stats.kv_cache_bytes, stats.rss_bytes, stats.peak_rss_bytes,
+                                   self.model.syncs_per_step))
 
     def attach_shared_memory(self, hello: Hello) -> None:
         from llmtp.common.exchange.shm import ShmExchange

@@ -170,5 +170,7 @@ def runq_group_terms(values: np.ndarray, scales: np.ndarray, group_size: int, x:
     return terms
 
 
-def runq_ordered_sum(terms: np.ndarray) -> np.ndarray:
-    return _sequential_sum(terms)
+def runq_ordered_sum(terms: np.ndarray, start: np.ndarray | None = None) -> np.ndarray:
+    if start is None:
+        return _sequential_sum(terms)
+    return _sequential_sum(np.concatenate([start[..., None], terms], axis=-1))

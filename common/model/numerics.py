@@ -9,15 +9,17 @@ every worker alike.
   RoPE angles per position), so the engine's greedy text is runq.c's token for token.
 
 Each op set also says how a row-parallel product (wo, w2: `Y = sum_w X_w A_w^T`) is split into
-what a worker sends (`partial`) and what the reduced sum becomes (`total`). NumpyOps sends the
-worker's product. runq.c adds its groups of columns left to right, which a sum of per-worker
-products would regroup; so RunqOps sends the terms runq.c adds, (T, rows, G) with G = columns /
-group_size, each at its group's global index and zero elsewhere. The sum over workers then
-holds every term exactly (t + 0 = t) and `total` adds them in group order: runq.c's bits for any
-worker count, for a partial G times the product's size (stories260K: G = 16 for wo, 43 for w2).
-The process workers' exchanges (shm, star) carry (rows, dim) partials only, so a worker process
-asks for `ordered_sums=False`: its products are summed per worker, runq.c's order within each
-worker's groups only (stories260K's text then parts from runq.c's at byte 429 with 2 and 3 workers).
+what a worker computes (`partial`) and how the workers' partials become the product (`reduce`,
+given the step's all-reduce). NumpyOps sends the worker's product through one all-reduce.
+runq.c adds its groups of columns left to right, which a sum of per-worker products would
+regroup; so RunqOps' partial is the terms runq.c adds, (T, rows, G) with G = columns /
+group_size, each at its group's global index and zero elsewhere, and `reduce` carries one running
+sum down the workers in index order (which is group order): at sync w worker w adds its terms to
+the sum so far and every other worker sends zeros (s + 0 = s), so after `count` syncs every worker
+holds runq.c's bits. The all-reduce still carries (T, rows) arrays, which every exchange (shm,
+peers, star, the tests' threads) carries; the price is count - 1 extra syncs per product, which
+`syncs_per_product` reports (the coordinator's star relay and the bench count them).
+`total` is the same sum for callers that add every worker's partial at once (tests' lockstep).
 """
 
 from dataclasses import dataclass, field
@@ -80,8 +82,10 @@ class NumpyOps:
 
     name = "numpy"
 
+    syncs_per_product = 1
+
     @classmethod
-    def for_slice(cls, config: ModelConfig, spec: SliceSpec, ordered_sums: bool = True) -> "NumpyOps":
+    def for_slice(cls, config: ModelConfig, spec: SliceSpec) -> "NumpyOps":
         kv_groups = tuple(spec.kv_groups(config))
         return cls(config, kv_groups, kv_head_of_each_head(spec, config),
                    rope_rotations(config.seq_len, config.head_dim, config.rope_theta), _uniform_group_size(kv_groups))
@@ -131,6 +135,10 @@ class NumpyOps:
         """This worker's share of a row-parallel product: its columns first_col.. of total_cols."""
         return weight.matmul(x)
 
+    def reduce(self, partial: np.ndarray, allreduce: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """This worker's `partial` -> the product (T, rows), summed over every worker."""
+        return allreduce(partial)
+
     def total(self, reduced: np.ndarray) -> np.ndarray:
         """The sum over workers of `partial` -> the product (T, rows)."""
         return reduced
@@ -142,17 +150,21 @@ class RunqOps:
 
     config: ModelConfig
     kv_of_head: np.ndarray = field(repr=False)
-    ordered_sums: bool  # partials carry per-group terms (any worker count gives runq.c's bits)
+    worker: tuple[int, int] | None  # (index, count) when the slice is a part: products go by group terms
 
     name = "runq"
 
     @classmethod
-    def for_slice(cls, config: ModelConfig, spec: SliceSpec, ordered_sums: bool = True) -> "RunqOps":
+    def for_slice(cls, config: ModelConfig, spec: SliceSpec) -> "RunqOps":
         kv_of_head = kv_head_of_each_head(spec, config)
         # one slice holding every head and FFN unit: its product already adds every group in
         # order (runq.c's matmul), so the per-group terms would only cost time
         whole = spec.heads == (0, config.n_heads) and spec.hidden == (0, config.hidden_dim)
-        return cls(config, kv_of_head, ordered_sums and not whole)
+        return cls(config, kv_of_head, None if whole else (spec.index, spec.count))
+
+    @property
+    def syncs_per_product(self) -> int:
+        return 1 if self.worker is None else self.worker[1]
 
     def rmsnorm(self, x: np.ndarray, weight: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return kernels.runq_rmsnorm(x, weight, self.config.norm_eps, out=out)
@@ -173,13 +185,27 @@ class RunqOps:
 
     def partial(self, x: np.ndarray, weight: Matrix, first_col: int, total_cols: int) -> np.ndarray:
         """(T, rows, G): runq.c's terms of this worker's groups, zero at the other workers'
-        (without ordered_sums: this worker's product)."""
-        if not self.ordered_sums:
+        (a whole slice: its product)."""
+        if self.worker is None:
             return weight.matmul(x)
         return weight.group_terms(x, first_col, total_cols)
 
+    def reduce(self, partial: np.ndarray, allreduce: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """runq.c's running sum over the groups of every worker, carried worker by worker: one
+        all-reduce per worker, in which only that worker sends anything but zeros."""
+        if self.worker is None:
+            return allreduce(partial)
+        index, count = self.worker
+        running = None  # the sum of the groups of workers 0..w-1 (runq.c starts from 0.0f)
+        nothing = np.zeros(partial.shape[:-1], dtype=np.float32)
+        for worker in range(count):
+            mine = kernels.runq_ordered_sum(partial, running) if worker == index else nothing
+            running = allreduce(mine)
+        return running
+
     def total(self, reduced: np.ndarray) -> np.ndarray:
-        return kernels.runq_ordered_sum(reduced) if self.ordered_sums else reduced
+        """The sum over every worker's partial at once -> the product, in group order."""
+        return kernels.runq_ordered_sum(reduced) if self.worker is not None else reduced
 
 
 Numerics = NumpyOps | RunqOps
@@ -192,10 +218,8 @@ def storage_numerics(weights: ShardWeights) -> type[NumpyOps] | type[RunqOps]:
     return RunqOps if {matrix.type_tag for matrix in matrices} == {RUNQ_STORAGE} else NumpyOps
 
 
-def choose_numerics(config: ModelConfig, spec: SliceSpec, weights: ShardWeights,
-                    ordered_sums: bool = True) -> Numerics:
-    """ordered_sums=False where the all-reduce carries only (rows, dim) partials (worker processes)."""
-    return storage_numerics(weights).for_slice(config, spec, ordered_sums)
+def choose_numerics(config: ModelConfig, spec: SliceSpec, weights: ShardWeights) -> Numerics:
+    return storage_numerics(weights).for_slice(config, spec)
 
 
 def _uniform_group_size(kv_groups) -> int | None:

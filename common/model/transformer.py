@@ -44,9 +44,10 @@ MAX_NORM_BUFFERS = 4  # step sizes whose norm buffers are kept (decode's 1 row, 
 SYNCS_PER_LAYER = 2
 
 
-def syncs_per_step(n_layers: int) -> int:
-    """How many all-reduces one step of `n_layers` layers makes (SliceModel.forward's count)."""
-    return SYNCS_PER_LAYER * n_layers
+def syncs_per_step(n_layers: int, syncs_per_product: int = 1) -> int:
+    """How many all-reduces one step of `n_layers` layers makes (SliceModel.forward's count);
+    syncs_per_product: the numerics' (a v2 file's op set carries runq.c's sum over the workers)."""
+    return SYNCS_PER_LAYER * n_layers * syncs_per_product
 
 
 def small_page_zeros(shape: tuple[int, ...]) -> np.ndarray:
@@ -81,15 +82,14 @@ class KVCache:
 
 
 class SliceModel:
-    def __init__(self, config: ModelConfig, spec: SliceSpec, weights: ShardWeights, n_slots: int = 1,
-                 ordered_sums: bool = True):
-        """ordered_sums: row-parallel partials may be larger than (rows, dim) (see numerics.py)."""
+    def __init__(self, config: ModelConfig, spec: SliceSpec, weights: ShardWeights, n_slots: int = 1):
         self.config = config
         self.spec = spec
         self.weights = weights
         assert len(weights.layers) == spec.n_layers_local, (len(weights.layers), spec.layers)
         self.cache = KVCache(spec.n_layers_local, n_slots, spec.n_kv_heads_local, config.seq_len, config.head_dim)
-        self.numerics = choose_numerics(config, spec, weights, ordered_sums)  # numpy's float order, or runq.c's
+        self.numerics = choose_numerics(config, spec, weights)  # numpy's float order, or runq.c's
+        self.syncs_per_step = syncs_per_step(spec.n_layers_local, self.numerics.syncs_per_product)
         # where this worker's columns of the row-parallel products (wo, w2) start, and how many there are
         self.wo_columns = (spec.heads[0] * config.head_dim, config.n_heads * config.head_dim)
         self.w2_columns = (spec.hidden[0], config.hidden_dim)
@@ -116,8 +116,8 @@ class SliceModel:
                                     for s in sequences])
         x = np.array(x, dtype=np.float32)  # the residual stream, added to in place (the input may be read-only)
         for layer_index in range(self.spec.n_layers_local):  # indices into this slice's layers
-            x += self.numerics.total(allreduce(self.attention_partial(layer_index, x, sequences, positions)))
-            x += self.numerics.total(allreduce(self.ffn_partial(layer_index, x)))
+            x += self.numerics.reduce(self.attention_partial(layer_index, x, sequences, positions), allreduce)
+            x += self.numerics.reduce(self.ffn_partial(layer_index, x), allreduce)
         if not all_logits:
             last_rows = np.cumsum([s.n_tokens for s in sequences]) - 1
             x = x[last_rows]
@@ -127,7 +127,7 @@ class SliceModel:
     def attention_partial(self, layer_index: int, x: np.ndarray, sequences: Sequence[StepSequence],
                           positions: np.ndarray) -> np.ndarray:
         """This worker's heads' contribution to the attention output, before the sum over workers
-        (numerics.total of the sum is the output)."""
+        (numerics.reduce makes it the output)."""
         layer = self.weights.layers[layer_index]
         n_tokens, head_dim = x.shape[0], self.config.head_dim
         h = self.numerics.rmsnorm(x, layer.attn_norm, out=self.norm_buffer(n_tokens))
@@ -148,8 +148,8 @@ class SliceModel:
         return self.numerics.partial(heads_out.reshape(n_tokens, -1), layer.wo, *self.wo_columns)
 
     def ffn_partial(self, layer_index: int, x: np.ndarray) -> np.ndarray:
-        """SwiGLU over this worker's FFN units, before the sum over workers (numerics.total of the
-        sum is the output)."""
+        """SwiGLU over this worker's FFN units, before the sum over workers (numerics.reduce makes
+        it the output)."""
         layer = self.weights.layers[layer_index]
         h = self.numerics.rmsnorm(x, layer.ffn_norm, out=self.norm_buffer(x.shape[0]))
         w13 = self.stacked_w13[layer_index]

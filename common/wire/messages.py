@@ -264,7 +264,8 @@ class Shutdown(WireMessage):
 
 @dataclass(frozen=True)
 class Ready(WireMessage):
-    """The handshake's answer. spec: the worker's slice (SliceSpec.to_dict)."""
+    """The handshake's answer. spec: the worker's slice (SliceSpec.to_dict). syncs_per_step: the
+    all-reduces its forward makes per step (0: unsaid, two per layer)."""
 
     KIND: ClassVar[bytes] = b"READY"
     shard_index: int
@@ -276,6 +277,7 @@ class Ready(WireMessage):
     kv_cache_bytes: int
     rss_bytes: int = 0
     peak_rss_bytes: int = 0
+    syncs_per_step: int = 0
 
     @classmethod
     def from_wire(cls, header, arrays):
@@ -288,7 +290,8 @@ class Ready(WireMessage):
         message = cls(shard_index, n_shards, spec, reader.int("pid"), reader.int("peer_port", 1, 65536, optional=True),
                       reader.int("shard_bytes", 0, MAX_BYTES), reader.int("kv_cache_bytes", 0, MAX_BYTES),
                       reader.int("rss_bytes", 0, MAX_BYTES, optional=True) or 0,
-                      reader.int("peak_rss_bytes", 0, MAX_BYTES, optional=True) or 0)
+                      reader.int("peak_rss_bytes", 0, MAX_BYTES, optional=True) or 0,
+                      reader.int("syncs_per_step", 0, MAX_COUNT, optional=True) or 0)
         reader.done()
         return message
 

@@ -41,7 +41,8 @@ def time_engine(engine: Engine, config: ModelConfig, prompt_tokens: int, decode_
         token = int(np.argmax(logits[0]))
     step = float(np.median(walls))
     math_s, wait_s = float(np.median(maths)), float(np.median(waits))
-    n_syncs = syncs_per_step(config.n_layers) if n_workers > 1 else 0
+    # a cluster counts its steps' syncs at the handshake (a v2 file's make more than two a layer)
+    n_syncs = getattr(engine, "syncs_per_step", syncs_per_step(config.n_layers)) if n_workers > 1 else 0
     result = EngineResult(
         engine=label, n_workers=n_workers, cores=cores, prefill_tokens_per_s=prompt_tokens / prefill_seconds,
         decode_tokens_per_s=1.0 / step, decode_step_ms=step * 1000, math_ms=math_s * 1000,

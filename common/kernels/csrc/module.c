@@ -306,15 +306,15 @@ done:
 static PyObject *py_runq_ordered_sum(PyObject *self, PyObject *args) {
     (void)self;
     Py_ssize_t n;
-    int groups;
+    int groups, from_out;
     Py_buffer out = {0}, terms = {0};
-    if (!PyArg_ParseTuple(args, "w*y*ni", &out, &terms, &n, &groups)) return NULL;
+    if (!PyArg_ParseTuple(args, "w*y*nip", &out, &terms, &n, &groups, &from_out)) return NULL;
     PyObject *result = NULL;
     if (n < 0 || groups < 1 || check_length(&out, sizeof(float) * (size_t)n, "out") ||
         check_length(&terms, sizeof(float) * (size_t)n * groups, "terms"))
         goto done;
     Py_BEGIN_ALLOW_THREADS
-    runq_ordered_sum(out.buf, terms.buf, (size_t)n, groups);
+    runq_ordered_sum(out.buf, terms.buf, (size_t)n, groups, from_out);
     Py_END_ALLOW_THREADS
     result = Py_None;
     Py_INCREF(result);
@@ -425,7 +425,7 @@ static PyMethodDef methods[] = {
     {"runq_swiglu", py_runq_swiglu, METH_VARARGS, "runq_swiglu(gate, up, n)"},
     {"runq_group_terms", py_runq_group_terms, METH_VARARGS,
      "runq_group_terms(terms, weights, wscales, x, rows, cols, tokens, group_size, first_group, total_groups)"},
-    {"runq_ordered_sum", py_runq_ordered_sum, METH_VARARGS, "runq_ordered_sum(out, terms, n, groups)"},
+    {"runq_ordered_sum", py_runq_ordered_sum, METH_VARARGS, "runq_ordered_sum(out, terms, n, groups, from_out)"},
     {"cpu_has_avx2", has_avx2, METH_NOARGS, "Whether this CPU runs the AVX2+FMA+F16C kernels."},
     {"cpu_has_vnni", has_vnni, METH_NOARGS, "Whether it also runs the AVX-512 VNNI block rows."},
     {NULL, NULL, 0, NULL},

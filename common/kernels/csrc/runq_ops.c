@@ -96,9 +96,9 @@ void runq_group_terms(float *terms, const int8_t *w, const float *ws, const int8
         }
 }
 
-void runq_ordered_sum(float *out, const float *terms, size_t n, int groups) {
+void runq_ordered_sum(float *out, const float *terms, size_t n, int groups, int from_out) {
     for (size_t i = 0; i < n; i++, terms += groups) {
-        float val = 0.0f;
+        float val = from_out ? out[i] : 0.0f;
         for (int g = 0; g < groups; g++) val += terms[g];
         out[i] = val;
     }

@@ -29,7 +29,8 @@ void runq_swiglu(float *gate, const float *up, size_t n);
 void runq_group_terms(float *terms, const int8_t *w, const float *ws, const int8_t *xq, const float *xs, int rows,
                       int cols, int tokens, int group_size, int first_group, int total_groups);
 
-/* out[i] = ((0 + terms[i, 0]) + terms[i, 1]) + ..., n sums of `groups` terms each. */
-void runq_ordered_sum(float *out, const float *terms, size_t n, int groups);
+/* out[i] = ((s + terms[i, 0]) + terms[i, 1]) + ..., n sums of `groups` terms each, where s is 0 or,
+ * with from_out, out[i] itself (a sum carried on from the groups before these). */
+void runq_ordered_sum(float *out, const float *terms, size_t n, int groups, int from_out);
 
 #endif
