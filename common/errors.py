@@ -27,6 +27,14 @@ class WorkerError(LlmtpError):
     """A worker is unreachable, refused the handshake, died, or timed out."""
 
 
+class WorkerLost(WorkerError):
+    """A worker died, dropped its connection, or stopped answering: `index` says which."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+
+
 def run_handler(args) -> int:
     """Run a parsed command's handler: LlmtpError -> one line on stderr and its exit
     code; Ctrl-C -> 130; a closed stdout pipe -> quiet exit. Other exceptions are bugs

@@ -24,7 +24,7 @@ from llmtp.common.wire import protocol, security
 from llmtp.common.wire.messages import (Bye, Connected, Error, Hello, Logits, Partial, Peers, Ping, Pong, Ready,
                                         Shutdown, Step, WireMessage)
 from llmtp.common.model.config import ModelConfig
-from llmtp.common.errors import ProtocolError, WorkerError
+from llmtp.common.errors import ProtocolError, WorkerError, WorkerLost  # noqa: F401 (WorkerLost re-exported)
 from llmtp.common.model.transformer import StepSequence, syncs_per_step
 from llmtp.common.model.weights import Matrix, embed_tokens
 
@@ -32,14 +32,6 @@ from .engine import Engine, StepTiming, WorkerStats
 
 HEARTBEAT_INTERVAL_MS = 1000
 SHM_CAPACITY_ROWS = 512  # rows per worker slot in a shared-memory segment; longer steps use peers
-
-
-class WorkerLost(WorkerError):
-    """A worker died, dropped its connection, or stopped answering: `index` says which."""
-
-    def __init__(self, index: int, message: str):
-        super().__init__(message)
-        self.index = index
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """Workers on this machine: shard into a cache folder once, start N worker processes,
-connect, and stop them all afterwards (standing_cluster.py keeps them up for `llmtp cluster`)."""
+connect, and stop them all afterwards (standing_cluster.py keeps them up for `llmtp cluster`).
+Launching needs neither numpy nor zmq (the engine, local_cluster_engine.py, loads them), so
+`generate --workers` starts its workers before its own imports."""
 
 import hashlib
 import os
@@ -11,10 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmtp.common.errors import ConfigError, WorkerError
+from llmtp.common.errors import ConfigError, WorkerError, WorkerLost
 from llmtp.common.exchange.modes import choose_reduce_mode
-
-from .cluster_engine import ClusterEngine, WorkerLost
 
 START_TIMEOUT = 30.0  # seconds for a worker to bind, plus time to read its shard at SLOWEST_DISK
 SLOWEST_DISK = 100e6  # bytes/s: a worker reads its whole shard (huge pages, sha256) before it listens
@@ -38,13 +38,13 @@ def shard_cache_folder(checkpoint_path: Path, n_workers: int) -> Path:
 def ensure_shards(checkpoint_path: Path, n_workers: int) -> Path:
     """The shard folder for this checkpoint and worker count, writing it on first use.
     Only then is the checkpoint itself opened."""
-    from llmtp.common.formats.load import load_model
-    from llmtp.common.formats.shard_file import write_shards
     if not checkpoint_path.exists():
         raise ConfigError(f"{checkpoint_path}: no such checkpoint file or model folder")
     folder = shard_cache_folder(checkpoint_path, n_workers)
     if (folder / "manifest.json").exists():
         return folder
+    from llmtp.common.formats.load import load_model
+    from llmtp.common.formats.shard_file import write_shards
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
@@ -291,64 +291,6 @@ def stop_processes(processes: list) -> None:
                 pass
 
 
-class LocalClusterEngine(ClusterEngine):
-    """A ClusterEngine that owns its worker processes, restarts lost ones and stops them on close."""
-
-    def __init__(self, config, embedding, endpoints, model_sha256: str, *, shard_folder: Path, run_folder: Path,
-                 processes: list, cores_per_worker: int | None = None, context_length: int | None = None, **kwargs):
-        """A worker lost during the first handshake (killed as the cluster starts) is started
-        again, up to START_ATTEMPTS times, as one lost mid-generation would be."""
-        self.shard_folder = shard_folder
-        self.context_length = context_length
-        self.cores_per_worker = cores_per_worker
-        self.run_folder = run_folder
-        self.processes = list(processes)
-        endpoints = list(endpoints)
-        launches = dict.fromkeys(range(len(endpoints)), 1)
-        try:
-            while True:
-                try:
-                    super().__init__(config, embedding, endpoints, model_sha256, processes=self.processes, **kwargs)
-                    return
-                except WorkerLost as lost:
-                    launches[lost.index] += 1
-                    if launches[lost.index] > START_ATTEMPTS:
-                        raise
-                    print(f"llmtp: {lost}; starting it again (attempt {launches[lost.index]} of {START_ATTEMPTS})",
-                          file=sys.stderr, flush=True)
-                    self.processes[lost.index], endpoints[lost.index] = self.restart(lost.index, len(endpoints))
-        except BaseException:
-            stop_processes(list(self.processes))
-            shutil.rmtree(run_folder, ignore_errors=True)
-            raise
-
-    def restart(self, index: int, n_workers: int) -> tuple[subprocess.Popen, str]:
-        """Stop worker `index` (if it still runs) and start it again: (its process, its endpoint)."""
-        from llmtp.common.formats.manifest import load_manifest
-        shard = load_manifest(self.shard_folder).shards[index]
-        stop_processes([self.processes[index]])
-        process = launch_worker(self.shard_folder / shard.file, index, n_workers, self.run_folder, tied_to_us=True,
-                                cores_per_worker=self.cores_per_worker, secret=self.secret is not None,
-                                context=self.context_length)
-        self.processes[index] = process
-        return process, wait_for_announce(announce_path(self.run_folder, index), process, index,
-                                          time.monotonic() + start_timeout(shard.n_bytes))
-
-    def recover(self, wait_seconds: float, lost: set[int] = frozenset()) -> None:
-        """Restart every worker that died or was reported lost (a hung one is killed first),
-        then reconnect all of them in a new session. A replacement that dies while it starts is
-        a WorkerLost too: RecoveringEngine spends another attempt on it."""
-        for link in self.links:
-            if link.index in lost or link.process.poll() is not None:
-                link.process, link.endpoint = self.restart(link.index, len(self.links))
-        super().recover(wait_seconds, lost)
-
-    def close(self, shutdown_workers: bool = True) -> None:
-        super().close(shutdown_workers=True)
-        stop_processes(list(self.processes))
-        shutil.rmtree(self.run_folder, ignore_errors=True)
-
-
 def open_local_engine(shard_folder: Path, n_workers: int, n_slots: int = 1, timeout: float = 30.0,
                       reduce: str | None = None, cores_per_worker: int | None = None, context: int | None = None,
                       early: EarlyWorkers | None = None):
@@ -380,6 +322,7 @@ def open_local_engine(shard_folder: Path, n_workers: int, n_slots: int = 1, time
     except BaseException:
         shutil.rmtree(run_folder, ignore_errors=True)
         raise
+    from .local_cluster_engine import LocalClusterEngine
     return LocalClusterEngine(config, embedding, [w.endpoint for w in started],
                               manifest.source_sha256, n_slots=n_slots, timeout=timeout,
                               processes=[w.process for w in started], shard_folder=shard_folder,

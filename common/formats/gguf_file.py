@@ -26,9 +26,9 @@ from llmtp.common.errors import FormatError
 from llmtp.common.model.config import ModelConfig
 from llmtp.common.model.weights import LAYER_FIELDS, LayerWeights, ModelWeights
 
+from .detect import GGUF_MAGIC as MAGIC, is_gguf  # noqa: F401 (re-exported)
 from .ggml_blocks import ENCODINGS, RawTensor, n_bytes, to_float32, to_matrix
 
-MAGIC = b"GGUF"
 ARCHITECTURE = "llama"
 
 # GGUF tensor name (blk.N. prefix dropped) -> canonical name of common/model/weights.py
@@ -69,10 +69,6 @@ def add_llama_metadata(writer, config: ModelConfig) -> None:
     writer.add_head_count_kv(config.n_kv_heads)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.norm_eps)
-
-
-def is_gguf(head: bytes) -> bool:
-    return head[:4] == MAGIC
 
 
 def open_gguf(path: str | os.PathLike):

@@ -22,7 +22,8 @@ from llmtp.common.errors import FormatError
 from llmtp.common.model.config import ModelConfig
 from llmtp.common.model.weights import LayerWeights, ModelWeights
 
-CONFIG = "config.json"
+from .detect import HF_CONFIG as CONFIG, is_hf_folder  # noqa: F401 (re-exported)
+
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
@@ -55,10 +56,6 @@ class HfModel:
     tensor_types: dict[str, str]  # canonical name -> safetensors dtype ("BF16", ...)
     hf_config: dict[str, Any]
     n_bytes: int
-
-
-def is_hf_folder(path: Path) -> bool:
-    return path.is_dir() and (path / CONFIG).is_file()
 
 
 def read_config(folder: Path) -> tuple[ModelConfig, dict[str, Any]]:

@@ -17,10 +17,9 @@ from llmtp.common.model.config import ModelConfig
 from llmtp.common.model.weights import LAYER_FIELDS, ModelWeights
 
 from .checkpoint import FORMAT_NAMES, Checkpoint, load_checkpoint, tensor_layout
-from .gguf_file import is_gguf, read_gguf
-from .hf_folder import CONFIG, is_hf_folder, read_hf_folder
-
-LLAMA2C, GGUF, HUGGING_FACE = "llama2.c", "gguf", "huggingface"
+from .detect import GGUF, HUGGING_FACE, LLAMA2C, carries_tokenizer, detect_format  # noqa: F401 (re-exported)
+from .gguf_file import read_gguf
+from .hf_folder import read_hf_folder
 
 
 @dataclass(frozen=True)
@@ -44,25 +43,6 @@ class LoadedModel:
     def version(self) -> int:
         """The llama2.c version; -1 for a GGUF file or Hugging Face folder (manifests record it)."""
         return self.source.version if self.source_format == LLAMA2C else -1
-
-
-def detect_format(path: str | os.PathLike) -> str:
-    """LLAMA2C, GGUF or HUGGING_FACE from what is at `path`; FormatError if none fits."""
-    path = Path(path)
-    if path.is_dir():
-        if is_hf_folder(path):
-            return HUGGING_FACE
-        raise FormatError(f"{path}: a folder without {CONFIG}, so not a Hugging Face model folder")
-    try:
-        with open(path, "rb") as file:
-            head = file.read(4)
-    except OSError as error:
-        raise FormatError(f"{path}: cannot read model: {error.strerror or error}") from None
-    if is_gguf(head):
-        return GGUF
-    if head[:1] == b"{":
-        raise FormatError(f"{path}: a JSON file; pass the Hugging Face folder that holds it")
-    return LLAMA2C  # load_checkpoint checks its magic or version-0 header
 
 
 def load_model(path: str | os.PathLike, progress=None) -> LoadedModel:
@@ -167,11 +147,6 @@ def model_config(path: str | os.PathLike) -> ModelConfig:
         from .hf_folder import read_config
         return read_config(path)[0]
     return load_checkpoint(path).config  # only maps the file
-
-
-def carries_tokenizer(path: str | os.PathLike) -> bool:
-    """A GGUF file or a Hugging Face folder holds its own tokenizer; a llama2.c file does not."""
-    return detect_format(path) in (GGUF, HUGGING_FACE)
 
 
 def open_tokenizer(path: str | os.PathLike, vocab_size: int, allow_longer: bool = False):

@@ -58,20 +58,25 @@ def run_c_chat_mode(args, prompt: str) -> int:
     asked for, the first user message from -i or asked for, every turn within -n positions
     (the conversation ends when they are used up), the model's chat template (llama2 for a
     llama2.c model, run.c's own)."""
-    from llmtp.common.formats.load import open_tokenizer
-    from llmtp.coordinator.chat_loop import SYSTEM_PROMPT_QUESTION, chat_loop, note, read_line
-    from llmtp.coordinator.chat_session import ChatSession
-    from llmtp.coordinator.serve.opening import model_template
-
     from .engines import EngineOptions, plan_engine
 
-    sampler = make_sampler(args)
     plan = plan_engine(EngineOptions.from_args(args))
-    tokenizer = open_tokenizer(plan.tokenizer_path, plan.config.vocab_size, allow_longer=args.any_tokenizer)
-    template = model_template(None, tokenizer, plan.checkpoint_path)
+    plan.launch()  # -w N: they start (and import numpy) while this process does
+    try:
+        from llmtp.common.formats.load import open_tokenizer
+        from llmtp.coordinator.chat_loop import SYSTEM_PROMPT_QUESTION, chat_loop, note, read_line
+        from llmtp.coordinator.chat_session import ChatSession
+        from llmtp.coordinator.serve.opening import model_template
+
+        sampler = make_sampler(args)
+        tokenizer = open_tokenizer(plan.tokenizer_path, plan.config.vocab_size, allow_longer=args.any_tokenizer)
+        template = model_template(None, tokenizer, plan.checkpoint_path)
+        engine = plan.open(1)
+    except BaseException:
+        plan.discard()
+        raise
     steps = args.steps if 0 < args.steps <= plan.config.seq_len else plan.config.seq_len  # run.c's rule
     system = args.system
-    engine = plan.open(1)
     try:
         if system is None:
             system = read_line(SYSTEM_PROMPT_QUESTION)

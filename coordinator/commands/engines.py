@@ -8,15 +8,15 @@ in RecoveringEngine (survive losing a worker), so callers never probe what they 
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import llmtp.common as common_package
 from llmtp.common.errors import ConfigError
-from llmtp.common.formats.checkpoint import MAGIC
 from llmtp.common.model.config import ModelConfig
 from llmtp.common.model.memory import check_context, with_context
 
-from ..engine import Engine
+if TYPE_CHECKING:  # engine.py loads numpy, which --workers starts its workers before loading
+    from ..engine import Engine
 
 DEFAULT_MODEL_DIR = Path(common_package.__file__).resolve().parent / "default_model"  # package data
 DEFAULT_REPLY_TIMEOUT = 30.0  # seconds to wait for any worker reply (a config's timeouts.reply wins)
@@ -51,7 +51,7 @@ class EnginePlan:
 
     config: ModelConfig
     tokenizer_path: Path
-    open: Callable[..., Engine]
+    open: Callable[..., "Engine"]
     checkpoint_path: Path | None = None  # None for --cluster and --config (the workers hold the model)
     # --workers: start the worker processes now, for open() to connect to later (their start-up
     # then overlaps the caller's own, e.g. reading the tokenizer); a caller that launched them
@@ -73,7 +73,7 @@ def resolve_model_paths(checkpoint: str | None, tokenizer: str | None) -> tuple[
             raise ConfigError(f"{checkpoint_path}: no such checkpoint file or model folder")
         if checkpoint_path.is_dir() and not (checkpoint_path / "config.json").is_file():
             raise ConfigError(f"{checkpoint_path}: a folder without config.json, so not a Hugging Face model folder")
-    from llmtp.common.formats.load import carries_tokenizer
+    from llmtp.common.formats.detect import carries_tokenizer
     if tokenizer is None and carries_tokenizer(checkpoint_path):
         tokenizer_path = checkpoint_path  # a GGUF file or Hugging Face folder holds its own
     elif tokenizer is None:
@@ -109,7 +109,7 @@ def plan_engine(options: EngineOptions) -> EnginePlan:
 
         early = local_cluster.EarlyWorkers(shard_folder, options.workers, options.context)
 
-        def open_workers(n_slots: int = options.n_slots) -> Engine:
+        def open_workers(n_slots: int = options.n_slots) -> "Engine":
             try:
                 check_context(config, n_slots, where, n_processes=options.workers)  # before any worker starts
             except BaseException:
@@ -127,7 +127,7 @@ def plan_engine(options: EngineOptions) -> EnginePlan:
     config = with_context(checkpoint.config, options.context, where)
     check_context(config, options.n_slots, where)
 
-    def open_here(n_slots: int = options.n_slots) -> Engine:
+    def open_here(n_slots: int = options.n_slots) -> "Engine":
         check_context(config, n_slots, where)
         return LocalEngine.from_checkpoint(checkpoint, n_slots=n_slots, config=config)
     return EnginePlan(config, tokenizer_path, open_here, checkpoint_path)
@@ -163,6 +163,7 @@ def plan_cluster_engine(options: EngineOptions) -> EnginePlan:
 
 def check_state_file(state_file: Path) -> None:
     """`generate --cluster MODEL.bin` puts the model where the state file goes: say so."""
+    from llmtp.common.formats.checkpoint import MAGIC
     try:
         with state_file.open("rb") as file:
             head = file.read(4)
@@ -194,7 +195,7 @@ def reply_timeout(options: EngineOptions) -> float:
     return options.timeout if options.timeout is not None else DEFAULT_REPLY_TIMEOUT
 
 
-def recovering(engine, options: EngineOptions, recover_wait: float | None = None) -> Engine:
+def recovering(engine, options: EngineOptions, recover_wait: float | None = None) -> "Engine":
     """A worker engine that survives losing one (restart or wait, rebuild, go on)."""
     from ..recovery import RecoveringEngine
     if recover_wait is None:

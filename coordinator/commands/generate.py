@@ -49,10 +49,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from llmtp.common.formats.load import open_tokenizer
-    from llmtp.common.model.sampler import Sampler, SamplerConfig
-
-    from ..generate import generate, report_speed
     from .engines import EngineOptions, plan_engine
 
     check_sampling_args(args)
@@ -61,8 +57,13 @@ def run(args) -> int:
         from .chat import run_c_chat_mode
         return run_c_chat_mode(args, prompt)
     plan = plan_engine(EngineOptions.from_args(args))
-    plan.launch()  # the workers start while this process reads the tokenizer
+    plan.launch()  # --workers: they start (and import numpy) while this process does
     try:
+        from llmtp.common.formats.load import open_tokenizer
+        from llmtp.common.model.sampler import Sampler, SamplerConfig
+
+        from ..generate import generate, report_speed
+
         tokenizer = open_tokenizer(plan.tokenizer_path, plan.config.vocab_size, allow_longer=args.any_tokenizer)
         prompt_ids = tokenizer.encode(prompt, bos=True)
         if not prompt_ids:

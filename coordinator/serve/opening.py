@@ -55,8 +55,6 @@ def default_slots(config: ModelConfig) -> int:
 
 def open_model(args, n_slots: int | None) -> OpenedModel:
     """n_slots None: default_slots. Raises ConfigError for bad arguments."""
-    from llmtp.common.formats.load import open_tokenizer
-
     from ..commands.engines import EngineOptions, plan_engine
 
     if n_slots is not None and n_slots < 1:
@@ -64,9 +62,15 @@ def open_model(args, n_slots: int | None) -> OpenedModel:
     plan = plan_engine(EngineOptions(checkpoint=args.checkpoint, tokenizer=args.tokenizer, workers=args.workers,
                                      cluster=args.cluster, config=args.config, timeout=args.timeout,
                                      recover_wait=args.recover_wait, context=args.context))
-    tokenizer = open_tokenizer(plan.tokenizer_path, plan.config.vocab_size)
-    template = model_template(args.chat_template, tokenizer, plan.checkpoint_path)
-    engine = plan.open(n_slots if n_slots is not None else default_slots(plan.config))
+    plan.launch()  # --workers: they start (and import numpy) while this process reads the tokenizer
+    try:
+        from llmtp.common.formats.load import open_tokenizer
+        tokenizer = open_tokenizer(plan.tokenizer_path, plan.config.vocab_size)
+        template = model_template(args.chat_template, tokenizer, plan.checkpoint_path)
+        engine = plan.open(n_slots if n_slots is not None else default_slots(plan.config))
+    except BaseException:
+        plan.discard()
+        raise
     return OpenedModel(engine, tokenizer, template, model_name(plan.checkpoint_path or plan.tokenizer_path))
 
 
