@@ -47,6 +47,45 @@ def test_a_token_gets_the_same_bits_alone_and_batched(shape):
                                           alone[:tokens])
 
 
+@pytest.mark.parametrize("rows", [(1,), (1, 1), (7, 1, 33), (768, 128, 128), (5, 2048, 3)], ids=str)
+@pytest.mark.parametrize("tokens", [1, 3, 5, 8])
+def test_matrices_stacked_by_rows_get_each_ones_own_bits(rows, tokens):
+    """Matrices anywhere in memory, multiplied in one call (a llama2.c layer's wq, wk, wv): the
+    outputs side by side are each matrix's own product, bit for bit, however the stacked rows
+    fall to threads (a thread's share may start or end inside any of them)."""
+    rng = np.random.default_rng(sum(rows) + tokens)
+    cols = 40
+    parts = [rng.standard_normal((n, cols)).astype(np.float32) for n in rows]
+    x = rng.standard_normal((tokens, cols)).astype(np.float32)
+    alone = np.concatenate([kernels.matmul_f32(part, x, n_threads=1) for part in parts], axis=1)
+    for n_threads in (1, 2, 3, 7):
+        np.testing.assert_array_equal(kernels.matmul_f32(parts, x, n_threads=n_threads), alone)
+
+
+def test_a_stack_of_bad_parts_is_refused():
+    x = np.ones((1, 8), np.float32)
+    with pytest.raises(ValueError, match="one cols"):
+        kernels.matmul_f32([np.ones((2, 8), np.float32), np.ones((2, 9), np.float32)], x)
+    with pytest.raises(ValueError, match="one cols"):
+        kernels.matmul_f32([np.ones((2, 8), np.float32), np.ones((2, 16), np.float32)[:, ::2]], x)
+    with pytest.raises(ValueError, match="stack"):
+        kernels.matmul_f32([np.ones((1, 8), np.float32)] * 9, x)
+    with pytest.raises(ValueError, match="stack"):
+        kernels.matmul_f32([], x)
+
+
+def test_a_row_stack_is_the_products_side_by_side_for_decode_and_prefill():
+    from llmtp.common.model.matrices import F32RowStack, as_matrix, stack_rows
+
+    rng = np.random.default_rng(8)
+    wq, wk = (as_matrix(rng.standard_normal((n, 24)).astype(np.float32)) for n in (16, 8))
+    stack = stack_rows([wq, wk])  # two separate arrays: not back to back
+    assert isinstance(stack, F32RowStack) and stack.shape == (24, 24)
+    for tokens in (1, kernels.F32_MAX_TOKENS, kernels.F32_MAX_TOKENS + 3):
+        x = rng.standard_normal((tokens, 24)).astype(np.float32)
+        np.testing.assert_array_equal(stack.matmul(x), np.concatenate([wq.matmul(x), wk.matmul(x)], axis=1))
+
+
 def test_the_matrix_type_uses_it_for_decode_and_blas_beyond():
     rng = np.random.default_rng(6)
     weights = rng.standard_normal((40, 24)).astype(np.float32)

@@ -27,6 +27,7 @@ per-group terms of its product with their ordered sum): common/model/numerics.py
 
 import os
 import sys
+from typing import Sequence
 
 import numpy as np
 
@@ -138,6 +139,7 @@ def threads() -> int:
 
 
 F32_MAX_TOKENS = 8  # csrc/f32.h
+F32_MAX_STACK = 8  # csrc/module.c: matrices one matmul_f32 call stacks by rows
 
 
 def has_f32_kernel() -> bool:
@@ -145,20 +147,26 @@ def has_f32_kernel() -> bool:
     return _backend in ("vnni", "avx2")
 
 
-def matmul_f32(weights: np.ndarray, x: np.ndarray, out: np.ndarray | None = None,
+def matmul_f32(weights: np.ndarray | Sequence[np.ndarray], x: np.ndarray, out: np.ndarray | None = None,
                n_threads: int | None = None) -> np.ndarray:
-    """float32 weights (rows, cols), C-contiguous; x (T, cols), T <= F32_MAX_TOKENS -> (T, rows)."""
+    """float32 weights (rows, cols), C-contiguous, or several of them stacked by rows (a layer's
+    q, k and v: their outputs side by side, one call); x (T, cols), T <= F32_MAX_TOKENS -> (T, rows)."""
     if not has_f32_kernel():
         raise ValueError(f"the float32 kernel needs the avx2 backend ({backend_info()})")
-    if weights.dtype != np.float32 or weights.ndim != 2 or not weights.flags.c_contiguous:
-        raise ValueError(f"weights must be C-contiguous float32 (rows, cols), got {weights.dtype} {weights.shape}")
-    rows, cols = weights.shape
+    parts = (weights,) if isinstance(weights, np.ndarray) else tuple(weights)
+    if not 1 <= len(parts) <= F32_MAX_STACK:
+        raise ValueError(f"a stack holds 1..{F32_MAX_STACK} matrices, got {len(parts)}")
+    for part in parts:
+        if not isinstance(part, np.ndarray) or part.dtype != np.float32 or part.ndim != 2 \
+                or not part.flags.c_contiguous or part.shape[1] != parts[0].shape[1]:
+            raise ValueError(f"weights must be C-contiguous float32 (rows, cols) of one cols, got "
+                             f"{[(getattr(p, 'dtype', type(p).__name__), getattr(p, 'shape', None)) for p in parts]}")
+    cols = parts[0].shape[1]
     x = _activations(x, cols)
     if not 1 <= x.shape[0] <= F32_MAX_TOKENS:
         raise ValueError(f"x has {x.shape[0]} tokens; the float32 kernel takes 1..{F32_MAX_TOKENS}")
-    out = _output(out, x.shape[0], rows)
-    _native.matmul_f32(weights, cols, rows, cols, x, x.shape[0], out, threads() if n_threads is None else n_threads,
-                       _ISA[_backend])
+    out = _output(out, x.shape[0], sum(part.shape[0] for part in parts))
+    _native.matmul_f32(parts, cols, x, x.shape[0], out, threads() if n_threads is None else n_threads, _ISA[_backend])
     return out
 
 

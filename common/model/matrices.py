@@ -194,8 +194,10 @@ def encode_as(matrix: Matrix, encoding: Encoding) -> Matrix:
     return MATRIX_TYPES[encoding.type].from_float(matrix.dequantize(), encoding.params)
 
 
-def stack_rows(matrices: Sequence[Matrix]) -> Matrix | None:
-    """One matrix for several of one storage type lying back to back (see Matrix.stacked)."""
+def stack_rows(matrices: Sequence[Matrix]):
+    """One product for several matrices of one storage type stacked by rows (see Matrix.stacked):
+    a Matrix over them where they lie back to back, an F32RowStack for float32 ones that do not,
+    else None (each is multiplied on its own)."""
     kind = type(matrices[0])
     if any(type(m) is not kind for m in matrices):
         return None
@@ -299,9 +301,31 @@ class F32Matrix(np.ndarray, Matrix):
         return cls(weights)
 
     @classmethod
-    def stacked(cls, matrices) -> "F32Matrix | None":
+    def stacked(cls, matrices) -> "F32Matrix | F32RowStack | None":
         view = stacked_view(matrices)
-        return None if view is None else view.view(cls)
+        if view is not None:
+            return view.view(cls)
+        if all(m.flags.c_contiguous for m in matrices) and len({m.shape[1] for m in matrices}) == 1:
+            return F32RowStack(tuple(m.plain for m in matrices))
+        return None
+
+
+@dataclass(frozen=True)
+class F32RowStack:
+    """float32 matrices multiplied as one stacked by rows where their storage does not lie back to
+    back (a llama2.c file stores every layer's wq, then every wk, ...): a decode step's q|k|v or
+    w1|w3 in one kernel call instead of one per matrix. A product only; nothing stores it."""
+
+    parts: tuple[np.ndarray, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return sum(part.shape[0] for part in self.parts), self.parts[0].shape[1]
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        if x.ndim == 2 and x.shape[0] <= kernels.F32_MAX_TOKENS and kernels.has_f32_kernel():
+            return kernels.matmul_f32(self.parts, x)  # the same bits as each part's own product
+        return np.concatenate([x @ part.T for part in self.parts], axis=1)
 
 
 # Every storage type registers itself on import; these ship with llmtp.

@@ -56,7 +56,7 @@ enum { PREFETCH_FLOATS_WIDE = 1024 };
         _Pragma("GCC unroll 8") for (int t = 0; t < T; t++) {                                        \
             float sum = hsum8(_mm256_add_ps(even[t], odd[t]));                                        \
             for (int k = j; k < cols; k++) sum += w[k] * x[t][k];                                     \
-            p->out[(long)(token + t) * p->rows + row] = sum;                                          \
+            p->out[(long)(token + t) * p->out_stride + row] = sum;                                          \
         }                                                                                             \
     }
 
@@ -104,7 +104,7 @@ DEFINE_ROW(4)
                     even = _mm256_fmadd_ps(_mm256_loadu_ps(w[r] + j), _mm256_loadu_ps(x[t] + j), even);   \
                 float sum = hsum8(_mm256_add_ps(even, odd));                                          \
                 for (int k = j + 8 * last_chunk; k < cols; k++) sum += w[r][k] * x[t][k];             \
-                p->out[(long)t * p->rows + row + r] = sum;                                            \
+                p->out[(long)t * p->out_stride + row + r] = sum;                                            \
             }                                                                                         \
     }
 

@@ -9,8 +9,9 @@ typedef struct {
     long row_stride;
     int rows, cols, tokens; /* 1 <= tokens <= F32_MAX_TOKENS */
     const float *x;       /* (tokens, cols) */
-    float *out;           /* (tokens, rows) */
+    float *out;           /* (tokens, rows), tokens out_stride floats apart */
     int wide;             /* 5+ tokens in 16-lane registers, two rows at a time (AVX-512F: only where cpu_has_vnni()) */
+    long out_stride;      /* >= rows: several products stacked by rows write their outputs side by side */
 } f32_product_t;
 
 /* out[t, r] = sum_j weights[r, j] * x[t, j] for rows row_begin..row_end, AVX2+FMA (call only when

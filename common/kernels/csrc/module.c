@@ -21,11 +21,6 @@ static void quantized_part(void *context, int index, int count) {
     product_rows(p, (int)((long)p->rows * index / count), (int)((long)p->rows * (index + 1) / count));
 }
 
-static void f32_part(void *context, int index, int count) {
-    const f32_product_t *p = context;
-    f32_rows_avx2(p, (int)((long)p->rows * index / count), (int)((long)p->rows * (index + 1) / count));
-}
-
 static int parts_for(int n_threads, int rows) {
     if (n_threads > rows) n_threads = rows;
     if (n_threads > POOL_MAX_THREADS) n_threads = POOL_MAX_THREADS;
@@ -89,32 +84,71 @@ done:
     return result;
 }
 
+/* Several float32 matrices multiplied as one stacked by rows (a layer's q|k|v or w1|w3 where their
+ * storage does not lie back to back): one pool dispatch, the stacked rows split evenly over it. */
+enum { F32_MAX_STACK = 8 };
+
+typedef struct {
+    f32_product_t parts[F32_MAX_STACK];
+    int first_row[F32_MAX_STACK + 1]; /* each part's first row in the stack, then the total */
+    int count;
+} f32_stack_t;
+
+static void f32_stack_part(void *context, int index, int count) {
+    const f32_stack_t *s = context;
+    long total = s->first_row[s->count];
+    int begin = (int)(total * index / count), end = (int)(total * (index + 1) / count);
+    for (int m = 0; m < s->count; m++) {
+        int lo = begin > s->first_row[m] ? begin : s->first_row[m];
+        int hi = end < s->first_row[m + 1] ? end : s->first_row[m + 1];
+        if (lo < hi) f32_rows_avx2(&s->parts[m], lo - s->first_row[m], hi - s->first_row[m]);
+    }
+}
+
 static PyObject *matmul_f32(PyObject *self, PyObject *args) {
     (void)self;
-    int rows, cols, tokens, n_threads, isa;
-    Py_ssize_t row_stride;
-    Py_buffer weights = {0}, x = {0}, out = {0};
-    if (!PyArg_ParseTuple(args, "y*niiy*iw*ii", &weights, &row_stride, &rows, &cols, &x, &tokens, &out, &n_threads,
-                          &isa))
+    PyObject *stack;
+    int cols, tokens, n_threads, isa, held = 0;
+    Py_buffer weights[F32_MAX_STACK], x = {0}, out = {0};
+    if (!PyArg_ParseTuple(args, "O!iy*iw*ii", &PyTuple_Type, &stack, &cols, &x, &tokens, &out, &n_threads, &isa))
         return NULL;
     PyObject *result = NULL;
-    if (rows < 1 || cols < 1 || tokens < 1 || tokens > F32_MAX_TOKENS || row_stride < cols || !cpu_has_avx2() ||
-        (isa != ISA_AVX2 && isa != ISA_VNNI) || (isa == ISA_VNNI && !cpu_has_vnni())) {
-        PyErr_SetString(PyExc_ValueError, "bad shape, or no AVX2 here");
+    f32_stack_t s;
+    s.count = (int)PyTuple_GET_SIZE(stack);
+    s.first_row[0] = 0;
+    if (s.count < 1 || s.count > F32_MAX_STACK || cols < 1 || tokens < 1 || tokens > F32_MAX_TOKENS ||
+        !cpu_has_avx2() || (isa != ISA_AVX2 && isa != ISA_VNNI) || (isa == ISA_VNNI && !cpu_has_vnni())) {
+        PyErr_SetString(PyExc_ValueError, "bad shape or stack, or no AVX2 here");
         goto done;
     }
-    if (check_length(&weights, sizeof(float) * ((size_t)(rows - 1) * row_stride + cols), "weights") ||
-        check_length(&x, sizeof(float) * (size_t)tokens * cols, "x") ||
-        check_length(&out, sizeof(float) * (size_t)tokens * rows, "out"))
+    for (; held < s.count; held++) {
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(stack, held), &weights[held], PyBUF_SIMPLE) < 0) goto done;
+        Py_ssize_t row_bytes = (Py_ssize_t)sizeof(float) * cols, rows = weights[held].len / row_bytes;
+        if (rows < 1 || weights[held].len % row_bytes || rows > INT_MAX - s.first_row[held]) {
+            PyErr_Format(PyExc_ValueError, "weights %d hold %zd bytes, not whole rows of %d floats", held,
+                         weights[held].len, cols);
+            held++;
+            goto done;
+        }
+        s.first_row[held + 1] = s.first_row[held] + (int)rows;
+    }
+    int total = s.first_row[s.count];
+    if (check_length(&x, sizeof(float) * (size_t)tokens * cols, "x") ||
+        check_length(&out, sizeof(float) * (size_t)tokens * total, "out"))
         goto done;
-    f32_product_t p = {weights.buf, row_stride, rows, cols, tokens, x.buf, out.buf, isa == ISA_VNNI};
+    for (int m = 0; m < s.count; m++) {
+        f32_product_t p = {weights[m].buf, cols, s.first_row[m + 1] - s.first_row[m], cols, tokens, x.buf,
+                           (float *)out.buf + s.first_row[m], isa == ISA_VNNI, total};
+        s.parts[m] = p;
+    }
     Py_BEGIN_ALLOW_THREADS
-    pool_run(f32_part, &p, parts_for(n_threads, rows));
+    pool_run(f32_stack_part, &s, parts_for(n_threads, total));
     Py_END_ALLOW_THREADS
     result = Py_None;
     Py_INCREF(result);
 done:
-    PyBuffer_Release(&weights), PyBuffer_Release(&x), PyBuffer_Release(&out);
+    for (int m = 0; m < held; m++) PyBuffer_Release(&weights[m]);
+    PyBuffer_Release(&x), PyBuffer_Release(&out);
     return result;
 }
 
@@ -411,7 +445,7 @@ static PyMethodDef methods[] = {
     {"matmul", matmul, METH_VARARGS,
      "matmul(format, isa, weights, wscales, group_size, rows, cols, x, tokens, out, n_threads)"},
     {"matmul_f32", matmul_f32, METH_VARARGS,
-     "matmul_f32(weights, row_stride, rows, cols, x, tokens, out, n_threads, isa): float32, at most 8 tokens, "
+     "matmul_f32((weights, ...), cols, x, tokens, out, n_threads, isa): float32 matrices stacked by rows, at most 8 tokens, "
      "AVX2 (isa 1), 3+ tokens in AVX-512 registers (isa 2)"},
     {"dequantize", dequantize, METH_VARARGS,
      "dequantize(format, weights, wscales, group_size, rows, cols, out): rows expanded to float32"},
