@@ -12,6 +12,7 @@
 #include "attend.h"
 #include "dot.h"
 #include "f32.h"
+#include "llama2c_tiles.h"
 #include "pool.h"
 #include "runq_ops.h"
 
@@ -72,10 +73,19 @@ static PyObject *matmul(PyObject *self, PyObject *args) {
         goto done;
     }
     p.xq = xq, p.xscale = xscale, p.xsum = xsum, p.xoffset = xoffset;
+    int failed = 0;
     Py_BEGIN_ALLOW_THREADS
-    quantize_activations(&p, x.buf, xq, xscale, xsum, xoffset);
-    pool_run(quantized_part, &p, parts_for(n_threads, rows));
+    if (llama2c_tiles_apply(&p)) {
+        failed = llama2c_tiles_product(&p, x.buf, xq, xscale, parts_for(n_threads, rows));
+    } else {
+        quantize_activations(&p, x.buf, xq, xscale, xsum, xoffset);
+        pool_run(quantized_part, &p, parts_for(n_threads, rows));
+    }
     Py_END_ALLOW_THREADS
+    if (failed) {
+        PyErr_NoMemory();
+        goto done;
+    }
     result = Py_None;
     Py_INCREF(result);
 done:

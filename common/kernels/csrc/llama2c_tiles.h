@@ -1,0 +1,20 @@
+/* Prefill products of llama2.c v2 (grouped int8) rows: several rows times several tokens at once.
+ *
+ * Same bits as product_rows (runq.c's matmul): the int32 sum of a group is exact in any order, and
+ * each (row, token) output is still val = val + ((float)ival * ws) * xs group by group in float32,
+ * one output per vector lane. */
+#ifndef LLMTP_LLAMA2C_TILES_H
+#define LLMTP_LLAMA2C_TILES_H
+
+#include "dot.h"
+
+/* Whether llama2c_tiles_product takes p: llama2.c format, 2+ tokens, the avx2 or vnni backend,
+ * group_size a multiple of 4 (the kernels step through a group 4 columns at a time). */
+int llama2c_tiles_apply(const product_t *p);
+
+/* out = the product of x (tokens, cols): x quantized into xq and xscale (p->xq, p->xscale) as
+ * quantize_activations does, then rows split over up to `parts` parts of the pool (pool.c).
+ * Returns -1 when out of memory, else 0. */
+int llama2c_tiles_product(const product_t *p, const float *x, int8_t *xq, float *xscale, int parts);
+
+#endif
