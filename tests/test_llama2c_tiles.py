@@ -106,3 +106,23 @@ def test_within_bound_of_float64(backend, group_size):
     error = np.abs(kernels.matmul_llama2c_q8(values, scales, group_size, x, n_threads=2) - x.astype(np.float64) @ w.T)
     assert np.all(error <= bound)
     assert np.any(error > 0)  # the bound is not vacuous here: quantizing x does cost something
+
+
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+def test_group_terms_are_the_numpy_terms_and_sum_to_the_product(backend, group_size):
+    """runq_group_terms (a row-parallel product's partial) takes the same tiles at every token count."""
+    rng = np.random.default_rng(group_size + 2)
+    for rows in ROWS:
+        cols = group_size * (3 if group_size >= 32 else 13)
+        values, scales = random_v2(rng, rows, cols, group_size)
+        for tokens in (1, 2, 5, 17):
+            x = random_x(rng, tokens, cols, group_size)
+            terms = kernels.runq_group_terms(values, scales, group_size, x, 2, cols // group_size + 5)
+            previous = kernels.use_backend("numpy")
+            try:
+                expected = kernels.runq_group_terms(values, scales, group_size, x, 2, cols // group_size + 5)
+            finally:
+                kernels.use_backend(previous)
+            np.testing.assert_array_equal(terms, expected, err_msg=f"rows {rows}, tokens {tokens}")
+            np.testing.assert_array_equal(kernels.runq_ordered_sum(terms),
+                                          kernels.matmul_llama2c_q8(values, scales, group_size, x))

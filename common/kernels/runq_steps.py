@@ -5,7 +5,7 @@ uses are defined."""
 
 import numpy as np
 
-from . import _activations, _f32, _float_out, _native, backend, fallback
+from . import _ISA, _activations, _f32, _float_out, _native, backend, fallback, threads
 
 
 def _positions(positions, tokens: int, limit: int) -> np.ndarray:
@@ -75,7 +75,7 @@ def runq_group_terms(values: np.ndarray, scales: np.ndarray, group_size: int, x:
     """The terms runq.c's matmul adds, kept apart: (T, rows, total_groups) float32, zero outside
     first_group .. first_group + cols / group_size, where this product's group g is
     (float)ival * w_scale * x_scale (x quantized per group as matmul_llama2c_q8 does).
-    runq_ordered_sum of the terms is matmul_llama2c_q8's product, bit for bit."""
+    runq_ordered_sum of the terms is matmul_llama2c_q8's product, bit for bit. Rows split over threads()."""
     if values.dtype != np.int8 or values.ndim != 2:
         raise ValueError(f"values must be int8 (rows, cols), got {values.dtype} {values.shape}")
     rows, cols = values.shape
@@ -91,7 +91,8 @@ def runq_group_terms(values: np.ndarray, scales: np.ndarray, group_size: int, x:
     values = np.ascontiguousarray(values)
     if backend() == "numpy":
         return fallback.runq_group_terms(values, scales, group_size, x, first_group, terms)
-    _native.runq_group_terms(terms, values, scales, x, rows, cols, x.shape[0], group_size, first_group, total_groups)
+    _native.runq_group_terms(terms, values, scales, x, rows, cols, x.shape[0], group_size, first_group, total_groups,
+                             _ISA[backend()], threads())
     return terms
 
 

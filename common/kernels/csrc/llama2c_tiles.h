@@ -8,13 +8,21 @@
 
 #include "dot.h"
 
-/* Whether llama2c_tiles_product takes p: llama2.c format, 2+ tokens, the avx2 or vnni backend,
- * group_size a multiple of 4 (the kernels step through a group 4 columns at a time). */
+/* Whether llama2c_tiles_product takes p: llama2.c format, 3+ tokens (fewer: the row kernels are
+ * as fast), the avx2 or vnni backend, group_size a multiple of 4 (the kernels step through a group
+ * 4 columns at a time). */
 int llama2c_tiles_apply(const product_t *p);
+/* Whether llama2c_tiles_terms takes p (any token count). */
+int llama2c_tiles_apply_terms(const product_t *p);
 
 /* out = the product of x (tokens, cols): x quantized into xq and xscale (p->xq, p->xscale) as
  * quantize_activations does, then rows split over up to `parts` parts of the pool (pool.c).
  * Returns -1 when out of memory, else 0. */
 int llama2c_tiles_product(const product_t *p, const float *x, int8_t *xq, float *xscale, int parts);
+
+/* runq_group_terms (runq_ops.h) of x, p->out unused: terms (tokens, rows, total_groups), zeroed by
+ * the caller, group g at first_group + g, the same bits. */
+int llama2c_tiles_terms(const product_t *p, const float *x, int8_t *xq, float *xscale, float *terms,
+                        int first_group, int total_groups, int parts);
 
 #endif

@@ -308,17 +308,18 @@ done:
 
 static PyObject *py_runq_group_terms(PyObject *self, PyObject *args) {
     (void)self;
-    int rows, cols, tokens, group_size, first_group, total_groups;
+    int rows, cols, tokens, group_size, first_group, total_groups, isa, n_threads;
     Py_buffer terms = {0}, weights = {0}, wscales = {0}, x = {0};
-    if (!PyArg_ParseTuple(args, "w*y*y*y*iiiiii", &terms, &weights, &wscales, &x, &rows, &cols, &tokens, &group_size,
-                          &first_group, &total_groups))
+    if (!PyArg_ParseTuple(args, "w*y*y*y*iiiiiiii", &terms, &weights, &wscales, &x, &rows, &cols, &tokens, &group_size,
+                          &first_group, &total_groups, &isa, &n_threads))
         return NULL;
     PyObject *result = NULL;
     int8_t *xq = NULL;
     float *xscale = NULL;
     if (rows < 1 || cols < 1 || tokens < 1 || group_size < 1 || cols % group_size || first_group < 0 ||
-        first_group + cols / group_size > total_groups) {
-        PyErr_SetString(PyExc_ValueError, "bad shape or group range");
+        first_group + cols / group_size > total_groups || isa < ISA_PORTABLE || isa > ISA_VNNI ||
+        (isa == ISA_AVX2 && !cpu_has_avx2()) || (isa == ISA_VNNI && !cpu_has_vnni())) {
+        PyErr_SetString(PyExc_ValueError, "bad shape, group range or isa");
         goto done;
     }
     if (check_length(&terms, sizeof(float) * (size_t)tokens * rows * total_groups, "terms") ||
@@ -332,13 +333,23 @@ static PyObject *py_runq_group_terms(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
-    product_t p = {FMT_LLAMA2C_Q8, ISA_PORTABLE, weights.buf, wscales.buf, (size_t)cols, rows, cols, tokens,
+    product_t p = {FMT_LLAMA2C_Q8, isa, weights.buf, wscales.buf, (size_t)cols, rows, cols, tokens,
                    group_size, xq, xscale, NULL, NULL};
+    int failed = 0;
     Py_BEGIN_ALLOW_THREADS
-    quantize_activations(&p, x.buf, xq, xscale, NULL, NULL);
-    runq_group_terms(terms.buf, weights.buf, wscales.buf, xq, xscale, rows, cols, tokens, group_size, first_group,
-                     total_groups);
+    if (llama2c_tiles_apply_terms(&p)) {
+        failed = llama2c_tiles_terms(&p, x.buf, xq, xscale, terms.buf, first_group, total_groups,
+                                     parts_for(n_threads, rows));
+    } else {
+        quantize_activations(&p, x.buf, xq, xscale, NULL, NULL);
+        runq_group_terms(terms.buf, weights.buf, wscales.buf, xq, xscale, rows, cols, tokens, group_size, first_group,
+                         total_groups);
+    }
     Py_END_ALLOW_THREADS
+    if (failed) {
+        PyErr_NoMemory();
+        goto done;
+    }
     result = Py_None;
     Py_INCREF(result);
 done:
@@ -468,7 +479,8 @@ static PyMethodDef methods[] = {
      "runq_attention(out, q, keys, values, kv_of_head, positions, tokens, n_heads, head_size, n_kv, stride)"},
     {"runq_swiglu", py_runq_swiglu, METH_VARARGS, "runq_swiglu(gate, up, n)"},
     {"runq_group_terms", py_runq_group_terms, METH_VARARGS,
-     "runq_group_terms(terms, weights, wscales, x, rows, cols, tokens, group_size, first_group, total_groups)"},
+     "runq_group_terms(terms, weights, wscales, x, rows, cols, tokens, group_size, first_group, total_groups, isa, "
+     "n_threads)"},
     {"runq_ordered_sum", py_runq_ordered_sum, METH_VARARGS, "runq_ordered_sum(out, terms, n, groups, from_out)"},
     {"cpu_has_avx2", has_avx2, METH_NOARGS, "Whether this CPU runs the AVX2+FMA+F16C kernels."},
     {"cpu_has_vnni", has_vnni, METH_NOARGS, "Whether it also runs the AVX-512 VNNI block rows."},
