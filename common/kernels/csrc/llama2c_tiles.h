@@ -10,7 +10,7 @@
 
 /* Whether llama2c_tiles_product takes p: llama2.c format, 3+ tokens (fewer: the row kernels are
  * as fast), the avx2 or vnni backend, group_size a multiple of 4 (the kernels step through a group
- * 4 columns at a time). */
+ * 4 columns at a time) up to 2^14. */
 int llama2c_tiles_apply(const product_t *p);
 /* Whether llama2c_tiles_terms takes p (any token count). */
 int llama2c_tiles_apply_terms(const product_t *p);
