@@ -56,14 +56,14 @@ static float fp16_to_float(const uint8_t *bytes) {
 
 /* ---- activations ---- */
 
-static void quantize_group(const float *x, int n, int runq_rule, int8_t *q, float *scale, float *sum) {
+static int32_t quantize_group(const float *x, int n, int runq_rule, int8_t *q, float *scale, float *sum) {
     float amax = 0.0f;
     for (int i = 0; i < n; i++) {
         float magnitude = fabsf(x[i]);
         if (magnitude > amax) amax = magnitude;
     }
     float d = amax / 127.0f, inverse = d > 0.0f ? 1.0f / d : 0.0f;
-    int total = 0;
+    int32_t total = 0;
     for (int i = 0; i < n; i++) {
         /* runq.c divides by the scale (0/0 there gives 0 after the int8 cast); llama.cpp multiplies */
         float ratio = runq_rule ? (d > 0.0f ? x[i] / d : 0.0f) : x[i] * inverse;
@@ -72,25 +72,38 @@ static void quantize_group(const float *x, int n, int runq_rule, int8_t *q, floa
     }
     *scale = d;
     if (sum) *sum = d * (float)total;
+    return total;
+}
+
+int block_offset_bias(const product_t *p) {
+    if (p->isa == ISA_PORTABLE) return 0;
+    if (p->format == FMT_Q4_0) return 8;
+    return p->format == FMT_Q8_0 && p->isa == ISA_VNNI ? 128 : 0;
+}
+
+/* Pair order (dot.h): in every 64 values of two blocks, swap the second 16 with the third. */
+static void to_pair_order(int8_t *q, int cols) {
+    for (int j = 0; j + 2 * QK <= cols; j += 2 * QK) {
+        int8_t middle[QK / 2];
+        memcpy(middle, q + j + QK / 2, QK / 2);
+        memcpy(q + j + QK / 2, q + j + QK, QK / 2);
+        memcpy(q + j + QK, middle, QK / 2);
+    }
 }
 
 void quantize_activations(const product_t *p, const float *x, int8_t *xq, float *xscale, float *xsum,
                           int32_t *xoffset) {
     int runq_rule = p->format == FMT_LLAMA2C_Q8, group = runq_rule ? p->group_size : QK;
-    int groups = p->cols / group;
-    for (int t = 0; t < p->tokens; t++)
+    int groups = p->cols / group, bias = block_offset_bias(p);
+    for (int t = 0; t < p->tokens; t++) {
         for (int g = 0; g < groups; g++) {
             size_t at = (size_t)t * groups + g;
-            quantize_group(x + (size_t)t * p->cols + (size_t)g * group, group, runq_rule,
-                           xq + (size_t)t * p->cols + (size_t)g * group, xscale + at,
-                           p->format == FMT_Q4_1 ? xsum + at : NULL);
+            int32_t total = quantize_group(x + (size_t)t * p->cols + (size_t)g * group, group, runq_rule,
+                                           xq + (size_t)t * p->cols + (size_t)g * group, xscale + at,
+                                           p->format == FMT_Q4_1 ? xsum + at : NULL);
+            if (bias) xoffset[at] = -bias * total;
         }
-    if (!xoffset || p->format != FMT_Q4_0) return;
-    int lanes = p->cols / QK * 8;
-    for (int t = 0; t < p->tokens; t++) {
-        const int8_t *q = xq + (size_t)t * p->cols;
-        for (int i = 0; i < lanes; i++) /* a Q4_0 nibble is q + 8 */
-            xoffset[(size_t)t * lanes + i] = -8 * (q[4 * i] + q[4 * i + 1] + q[4 * i + 2] + q[4 * i + 3]);
+        if (bias && p->format == FMT_Q4_0) to_pair_order(xq + (size_t)t * p->cols, p->cols);
     }
 }
 
@@ -166,44 +179,6 @@ AVX2 static inline __m256i nibbles_avx2(const uint8_t *bytes) {
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low4), _mm_and_si128(raw, low4));
 }
 
-/* The block rows keep two accumulators, even blocks on one and odd on the other, so a block's
- * multiply-add need not wait for the previous block's (4 cycles): one chain held Q4_0 to a few
- * bytes per cycle. Every output is summed this way whatever the token count. */
-AVX2 static inline __m256 q8_0_block_avx2(const uint8_t *block, const int8_t *xq, float xs, __m256 acc) {
-    __m256i w = _mm256_loadu_si256((const __m256i *)(block + 2)), x = _mm256_loadu_si256((const __m256i *)xq);
-    return _mm256_fmadd_ps(_mm256_set1_ps(half_avx2(block) * xs), _mm256_cvtepi32_ps(dot32_avx2(w, x)), acc);
-}
-
-AVX2 static float row_q8_0_avx2(const uint8_t *row, const int8_t *xq, const float *xs, int nb) {
-    enum { BYTES = 2 + QK };
-    __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
-    int b = 0;
-    for (; b + 2 <= nb; b += 2, row += 2 * BYTES, xq += 2 * QK) {
-        even = q8_0_block_avx2(row, xq, xs[b], even);
-        odd = q8_0_block_avx2(row + BYTES, xq + QK, xs[b + 1], odd);
-    }
-    if (b < nb) even = q8_0_block_avx2(row, xq, xs[b], even);
-    return hsum8(_mm256_add_ps(even, odd));
-}
-
-AVX2 static inline __m256 q4_0_block_avx2(const uint8_t *block, const int8_t *xq, float xs, __m256 acc) {
-    __m256i w = _mm256_sub_epi8(nibbles_avx2(block + 2), _mm256_set1_epi8(8));
-    __m256i x = _mm256_loadu_si256((const __m256i *)xq);
-    return _mm256_fmadd_ps(_mm256_set1_ps(half_avx2(block) * xs), _mm256_cvtepi32_ps(dot32_avx2(w, x)), acc);
-}
-
-AVX2 static float row_q4_0_avx2(const uint8_t *row, const int8_t *xq, const float *xs, int nb) {
-    enum { BYTES = 2 + QK / 2 };
-    __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
-    int b = 0;
-    for (; b + 2 <= nb; b += 2, row += 2 * BYTES, xq += 2 * QK) {
-        even = q4_0_block_avx2(row, xq, xs[b], even);
-        odd = q4_0_block_avx2(row + BYTES, xq + QK, xs[b + 1], odd);
-    }
-    if (b < nb) even = q4_0_block_avx2(row, xq, xs[b], even);
-    return hsum8(_mm256_add_ps(even, odd));
-}
-
 AVX2 static float row_q4_1_avx2(const uint8_t *row, const int8_t *xq, const float *xs, const float *xsum, int nb) {
     __m256 acc = _mm256_setzero_ps();
     float offsets = 0.0f;
@@ -232,37 +207,61 @@ AVX2 static float row_llama2c_avx2(const int8_t *w, const float *ws, const int8_
     return val;
 }
 
-/* ---- VNNI rows (the 4-bit formats) ----
- * vpdpbusd multiplies unsigned by signed bytes and adds each 4 products into an int32 lane: the
- * lanes of dot32_avx2 in one instruction instead of four, and a nibble is already unsigned (Q4_0's
- * is q + 8). A Q4_0 lane starts at -8 * the sum of its 4 activations (xoffset), so every lane holds
- * exactly the AVX2 row's int32 and every float operation after it is the AVX2 row's: the same bits.
- * The 4-bit rows are bound by these integer steps: 110M Q4_0 step 0.97-1.57x, median 1.15x over 6
- * interleaved pairs (a kernel harness on one core: 1.25-1.35x). The
- * same trick on signed bytes (XOR 0x80, offset -128 * sum) made Q8_0 and llama2.c rows, which are
- * nearer memory speed, 0.85-1.06x: they keep the AVX2 rows. */
+/* ---- the Q8_0 and Q4_0 rows of the SIMD backends (dot_blocks.inc) ---- */
 
-VNNI static inline __m256i lanes_vnni(const int32_t *offset, __m256i w_unsigned, __m256i x) {
-    return _mm256_dpbusd_epi32(_mm256_loadu_si256((const __m256i *)offset), w_unsigned, x);
+/* Four vectors of pair lanes (lanes 0-3 one block's, 4-7 the next's) -> the 8 block sums in order.
+ * hadd works within 128-bit halves: after two levels the halves hold blocks 0 2 4 6 and 1 3 5 7. */
+AVX2 static inline __m256i sums_of_pairs(const __m256i *pairs) {
+    __m256i mixed = _mm256_hadd_epi32(_mm256_hadd_epi32(pairs[0], pairs[1]), _mm256_hadd_epi32(pairs[2], pairs[3]));
+    return _mm256_permutevar8x32_epi32(mixed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-VNNI static inline __m256 q4_0_block_vnni(const uint8_t *block, const int8_t *xq, const int32_t *offset, float xs,
-                                          __m256 acc) {
-    __m256i lanes = lanes_vnni(offset, nibbles_avx2(block + 2), _mm256_loadu_si256((const __m256i *)xq));
-    return _mm256_fmadd_ps(_mm256_set1_ps(half_avx2(block) * xs), _mm256_cvtepi32_ps(lanes), acc);
+/* Eight vectors of block lanes -> the 8 block sums in order (two levels leave blocks 0-3's lanes
+ * 0-3 sums in the low half, their lanes 4-7 sums in the high half). */
+AVX2 static inline __m256i sums_of_blocks(const __m256i *blocks) {
+    __m256i low = _mm256_hadd_epi32(_mm256_hadd_epi32(blocks[0], blocks[1]), _mm256_hadd_epi32(blocks[2], blocks[3]));
+    __m256i high = _mm256_hadd_epi32(_mm256_hadd_epi32(blocks[4], blocks[5]), _mm256_hadd_epi32(blocks[6], blocks[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(low, high, 0x20), _mm256_permute2x128_si256(low, high, 0x31));
 }
 
-VNNI static float row_q4_0_vnni(const uint8_t *row, const int8_t *xq, const float *xs, const int32_t *offset, int nb) {
-    enum { BYTES = 2 + QK / 2 };
-    __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
-    int b = 0;
-    for (; b + 2 <= nb; b += 2, row += 2 * BYTES, xq += 2 * QK, offset += 16) {
-        even = q4_0_block_vnni(row, xq, offset, xs[b], even);
-        odd = q4_0_block_vnni(row + BYTES, xq + QK, offset + 8, xs[b + 1], odd);
-    }
-    if (b < nb) even = q4_0_block_vnni(row, xq, offset, xs[b], even);
-    return hsum8(_mm256_add_ps(even, odd));
-}
+#define MAX_TOKENS 4
+
+/* AVX2: maddubs wants unsigned x signed bytes. A nibble is unsigned (Q4_0's value is q - 8, the -8
+ * comes back as xoffset); each int16 holds at most 2 * 2 * 15 * 127. Q8_0 moves w's sign onto x. */
+#define TARGET AVX2
+#define NAME(x) x##_avx2
+#define Q4_0_PAIR(lo, hi, xl, xh)                                                                        \
+    _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh)), \
+                      _mm256_set1_epi16(1))
+#define Q8_0_PREPARE(w, a, b) ((a) = _mm256_sign_epi8(w, w), (b) = (w))
+#define Q8_0_BLOCK(a, b, x) _mm256_madd_epi16(_mm256_maddubs_epi16(a, _mm256_sign_epi8(x, b)), _mm256_set1_epi16(1))
+#define Q8_0_OFFSET 0
+#include "dot_blocks.inc"
+#undef TARGET
+#undef NAME
+#undef Q4_0_PAIR
+#undef Q8_0_PREPARE
+#undef Q8_0_BLOCK
+#undef Q8_0_OFFSET
+
+/* VNNI: vpdpbusd multiplies unsigned by signed bytes and adds each 4 products into an int32 lane,
+ * the lanes of maddubs + madd in one instruction. Q8_0's signed w becomes unsigned w + 128 (XOR
+ * 0x80), and -128 * the block's activation sum (xoffset) takes the 128 back out. */
+#define TARGET VNNI
+#define NAME(x) x##_vnni
+#define Q4_0_PAIR(lo, hi, xl, xh) _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xl), hi, xh)
+#define Q8_0_PREPARE(w, a, b) ((a) = _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80)), (b) = (a))
+#define Q8_0_BLOCK(a, b, x) ((void)(b), _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, x))
+#define Q8_0_OFFSET 1
+#include "dot_blocks.inc"
+#undef TARGET
+#undef NAME
+#undef Q4_0_PAIR
+#undef Q8_0_PREPARE
+#undef Q8_0_BLOCK
+#undef Q8_0_OFFSET
+
+/* ---- VNNI rows (Q4_1) ---- */
 
 VNNI static float row_q4_1_vnni(const uint8_t *row, const int8_t *xq, const float *xs, const float *xsum, int nb) {
     __m256 acc = _mm256_setzero_ps();
@@ -283,14 +282,11 @@ static float row_product(const product_t *p, int r, int t) {
     const int8_t *xq = p->xq + (size_t)t * p->cols;
     int avx2 = p->isa != ISA_PORTABLE, nb = p->cols / QK;
     const float *xs = p->xscale + (size_t)t * (p->cols / (p->format == FMT_LLAMA2C_Q8 ? p->group_size : QK));
-    if (p->isa == ISA_VNNI) {
-        const int32_t *offset = p->xoffset + (size_t)t * nb * 8;
-        if (p->format == FMT_Q4_0) return row_q4_0_vnni(row, xq, xs, offset, nb);
-        if (p->format == FMT_Q4_1) return row_q4_1_vnni(row, xq, xs, p->xsum + (size_t)t * nb, nb);
-    }
+    if (p->isa == ISA_VNNI && p->format == FMT_Q4_1)
+        return row_q4_1_vnni(row, xq, xs, p->xsum + (size_t)t * nb, nb);
     switch (p->format) {
-    case FMT_Q8_0: return avx2 ? row_q8_0_avx2(row, xq, xs, nb) : row_q8_0(row, xq, xs, nb);
-    case FMT_Q4_0: return avx2 ? row_q4_0_avx2(row, xq, xs, nb) : row_q4_0(row, xq, xs, nb);
+    case FMT_Q8_0: return row_q8_0(row, xq, xs, nb);
+    case FMT_Q4_0: return row_q4_0(row, xq, xs, nb);
     case FMT_Q4_1: {
         const float *xsum = p->xsum + (size_t)t * nb;
         return avx2 ? row_q4_1_avx2(row, xq, xs, xsum, nb) : row_q4_1(row, xq, xs, xsum, nb);
@@ -305,6 +301,13 @@ static float row_product(const product_t *p, int r, int t) {
 }
 
 void product_rows(const product_t *p, int row_begin, int row_end) {
+    if (p->isa != ISA_PORTABLE && (p->format == FMT_Q8_0 || p->format == FMT_Q4_0)) {
+        if (p->isa == ISA_VNNI)
+            block_rows_vnni(p, row_begin, row_end);
+        else
+            block_rows_avx2(p, row_begin, row_end);
+        return;
+    }
     /* rows outer, tokens inner: a weight row is read from memory once for all T tokens */
     for (int r = row_begin; r < row_end; r++)
         for (int t = 0; t < p->tokens; t++)

@@ -16,19 +16,24 @@ typedef struct {
     const float *wscales;    /* llama2.c only: rows * cols / group_size */
     size_t row_bytes;
     int rows, cols, tokens, group_size;
-    const int8_t *xq;        /* (tokens, cols) */
+    const int8_t *xq;        /* (tokens, cols); Q4_0 on avx2/vnni: pair order, see quantize_activations */
     const float *xscale;     /* (tokens, cols / group) */
     const float *xsum;       /* (tokens, cols / QK): scale * sum(q), for Q4_1 */
     float *out;              /* (tokens, rows) */
-    const int32_t *xoffset;  /* VNNI Q4_0 only: (tokens, cols / QK, 8), see quantize_activations */
+    const int32_t *xoffset;  /* (tokens, cols / QK) when block_offset_bias() > 0, see quantize_activations */
 } product_t;
 
 int cpu_has_avx2(void);
 int cpu_has_vnni(void); /* AVX2's set, AVX-512 VL and VNNI, and the OS saving AVX-512 state */
 size_t block_bytes(int format);
+/* The bias b a SIMD row adds to every weight value of a block (Q4_0's nibble is q + 8; the VNNI Q8_0
+ * row reads w + 128), taken back out through xoffset; 0: no xoffset. */
+int block_offset_bias(const product_t *p);
 /* Quantize x (tokens, cols) for `format`: groups of QK (GGUF) or group_size (llama2.c, runq.c's rule).
- * xoffset (VNNI, else NULL; Q4_0 only): for each QK values and each 4 of them, -8 * their sum (a
- * Q4_0 nibble is q + 8). */
+ * xoffset (when block_offset_bias(p) > 0, else unused): -b * the sum of each block's q. Q4_0 on the
+ * SIMD backends stores xq in pair order: in each 64 values of two blocks, values 16-31 of the first
+ * and 0-15 of the second trade places, so a vector of the two blocks' 16 low-nibble bytes meets the
+ * values 0-15 of both and their high nibbles the values 16-31 (a lone last block stays as it is). */
 void quantize_activations(const product_t *p, const float *x, int8_t *xq, float *xscale, float *xsum,
                           int32_t *xoffset);
 void product_rows(const product_t *p, int row_begin, int row_end);

@@ -66,8 +66,8 @@ static PyObject *matmul(PyObject *self, PyObject *args) {
     xq = malloc((size_t)tokens * cols);
     xscale = malloc(sizeof(float) * groups);
     xsum = malloc(sizeof(float) * groups);
-    int offsets = isa == ISA_VNNI && format == FMT_Q4_0; /* dot.h: only VNNI's Q4_0 rows read them */
-    if (offsets) xoffset = malloc(sizeof(int32_t) * (size_t)tokens * (cols / QK * 8));
+    int offsets = block_offset_bias(&p) > 0;
+    if (offsets) xoffset = malloc(sizeof(int32_t) * (size_t)tokens * (cols / QK));
     if (!xq || !xscale || !xsum || (offsets && !xoffset)) {
         PyErr_NoMemory();
         goto done;
