@@ -24,8 +24,10 @@ from gguf import GGMLQuantizationType as QType  # noqa: E402
 U = 2.0 ** -24
 GGUF = {"q8_0": (QType.Q8_0, kernels.matmul_q8_0), "q4_0": (QType.Q4_0, kernels.matmul_q4_0),
         "q4_1": (QType.Q4_1, kernels.matmul_q4_1)}
-SHAPES = [(1, 32), (1, 96), (7, 32), (13, 64), (37, 160), (67, 256)]  # rows not a multiple of 8, one row, one block
-TOKENS = [1, 5]
+# rows not a multiple of 8, one row, one block; the SIMD rows read groups of 8 blocks: one whole group
+# (256), a group and a tail of 2 (320), of 7 (480), two groups and a lone block (544)
+SHAPES = [(1, 32), (1, 96), (7, 32), (13, 64), (37, 160), (67, 256), (3, 320), (9, 480), (5, 544)]
+TOKENS = [1, 3, 5, 8]  # they pass 4 tokens at a time: one pass short, one and a bit, two
 
 
 @pytest.fixture(params=["vnni", "avx2", "portable", "numpy"])
@@ -129,6 +131,44 @@ def test_all_backends_and_thread_counts_agree_within_bound():
                 assert np.all(error <= error_bound(w, x)), (name, threads)
     finally:
         kernels.use_backend(previous)
+
+
+@pytest.mark.parametrize("fmt", sorted(GGUF))
+def test_a_token_gets_the_same_bits_alone_batched_and_on_any_thread_count(backend, fmt):
+    """Each (row, token) output is summed the same way whatever the other tokens and rows of the
+    call: a sequence's logits do not depend on what it is batched with."""
+    qtype, matmul = GGUF[fmt]
+    rng = np.random.default_rng(5)
+    rows, cols = 45, 544
+    blocks = gguf.quants.quantize(random_weights(rng, rows, cols), qtype)
+    x = random_activations(rng, 8, cols)
+    batched = matmul(blocks, x, n_threads=1)
+    for tokens in range(1, 9):
+        np.testing.assert_array_equal(matmul(blocks, x[:tokens], n_threads=1), batched[:tokens])
+    for t in range(8):
+        np.testing.assert_array_equal(matmul(blocks, x[t], n_threads=1)[0], batched[t])
+    for threads in (2, 3):
+        np.testing.assert_array_equal(matmul(blocks, x, n_threads=threads), batched)
+
+
+def test_activations_round_halves_away_from_zero_on_every_backend(backend):
+    """Q8_0 rows that each pick one value with weight 1 read back d_x * q exactly, so this sees the
+    activation quantization itself: block scale max|x| / 127 and q = roundf(x / d), halves away from
+    zero (2.5 -> 3, -2.5 -> -3, where round-half-even gives 2)."""
+    rng = np.random.default_rng(9)
+    cols = 320
+    x = np.round(rng.uniform(-126, 126, (3, cols)) * 2).astype(np.float32) / 2  # many exact halves
+    x[:, ::32] = 127.0  # d = 1 in every block: x / d is x, ties stay ties
+    x[2] = rng.standard_normal(cols).astype(np.float32)  # a token with ordinary scales
+    blocks = np.zeros((cols, cols // 32, 34), np.uint8)
+    blocks[:, :, :2] = np.frombuffer(np.float16(1.0).tobytes(), np.uint8)
+    blocks[np.arange(cols), np.arange(cols) // 32, 2 + np.arange(cols) % 32] = 1
+    y = kernels.matmul_q8_0(blocks.reshape(cols, -1), x)
+    d = np.repeat(np.abs(x).reshape(3, -1, 32).max(axis=2) / np.float32(127.0), 32, axis=1).astype(np.float32)
+    ratio = (x * (np.float32(1.0) / d)).astype(np.float64)
+    q = np.sign(ratio) * np.floor(np.abs(ratio) + 0.5)
+    np.testing.assert_array_equal(y, (q * d).astype(np.float32))
+    assert np.any(np.abs(x[:2]) % 1 == 0.5)
 
 
 @pytest.mark.parametrize("fmt", sorted(GGUF))

@@ -249,9 +249,9 @@ AVX2 static float row_llama2c_avx2(const int8_t *w, const float *ws, const int8_
 
 /* ---- the Q8_0 and Q4_0 rows of the SIMD backends (dot_blocks.inc) ---- */
 
-/* The block sums below add lanes by unpack and add: vphaddd, which does the same in one instruction,
- * issues once per 4 cycles on Zen 4 (a 1-core loop: 0.25 per cycle against 2 for vpdpbusd), and
- * the 3 (Q4_0) or 6 (Q8_0) of them per group held the rows to half their speed. */
+/* The block sums below add lanes by unpack and add, 3 instructions where vphaddd is one: vphaddd
+ * issued only once per 2-4 cycles in a 1-core loop on Zen 4 (vpunpckldq 3 per cycle). In the rows
+ * the two measured the same; this way does not lean on one slow instruction. */
 
 /* Lanes of a and b that hold the same block side by side -> summed in pairs: for a = [a0 .. a7],
  * b = [b0 .. b7]: [a0+a2, b0+b2, a1+a3, b1+b3 | a4+a6, b4+b6, a5+a7, b5+b7]. */
