@@ -2,11 +2,12 @@
 
 Activations x (T, cols) float32 are quantized once per product to int8 blocks (scale
 max|x| / 127 per block); each weight block meets its activation block in an int32 dot
-product and one float multiply-add. Nothing expands W to float32.
+product, and the block's scales in one float multiply-add (on avx2/vnni, Q8_0 and Q4_0: one
+for 8 blocks' exact int32 sums at once, csrc/dot_blocks.inc). Nothing expands W to float32.
 
-Backends, chosen once at import: "vnni" (the avx2 backend whose 4-bit rows add each 4 byte
-products with one AVX-512 VNNI instruction, same bits as avx2; where the CPU and OS have
-AVX-512 VL and VNNI), "avx2" (C, AVX2+FMA+F16C, when the CPU has them),
+Backends, chosen once at import: "vnni" (the avx2 backend whose Q8_0 and 4-bit rows add each 4
+byte products with one AVX-512 VNNI instruction, same bits as avx2; where the CPU and OS have
+AVX-512 VL, BW and VNNI), "avx2" (C, AVX2+FMA+F16C, when the CPU has them),
 "portable" (C, plain loops), "numpy" (fallback.py, when the C extension did not build or
 load; said once on stderr). LLMTP_KERNELS=portable or =numpy forces a slower one;
 use_backend() switches at run time (tests). n_threads: default 1; n > 1 splits rows over n
