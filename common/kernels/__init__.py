@@ -2,8 +2,7 @@
 
 Activations x (T, cols) float32 are quantized once per product to int8 blocks (scale
 max|x| / 127 per block); each weight block meets its activation block in an int32 dot
-product, and the block's scales in one float multiply-add (on avx2/vnni, Q8_0 and Q4_0: one
-for 8 blocks' exact int32 sums at once, csrc/dot_blocks.inc). Nothing expands W to float32.
+product, then one float multiply-add (avx2/vnni Q8_0, Q4_0: one for 8 blocks). No float32 W.
 
 Backends, chosen once at import: "vnni" (the avx2 backend whose Q8_0 and 4-bit rows add each 4
 byte products with one AVX-512 VNNI instruction, same bits as avx2; where the CPU and OS have
