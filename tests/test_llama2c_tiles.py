@@ -110,7 +110,7 @@ def test_within_bound_of_float64(backend, group_size):
 
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
 def test_group_terms_are_the_numpy_terms_and_sum_to_the_product(backend, group_size):
-    """runq_group_terms (a row-parallel product's partial) takes the same tiles at every token count."""
+    """runq_group_terms (a row-parallel product's partial): the tiles from 3 tokens, the rows for 1 and 2."""
     rng = np.random.default_rng(group_size + 2)
     for rows in ROWS:
         cols = group_size * (3 if group_size >= 32 else 13)

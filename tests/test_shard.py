@@ -146,10 +146,15 @@ def embed(table, tokens):
 def lockstep_logits(models, x, sequences):
     """The sharded forward pass by hand: sum the row-parallel partials, concatenate logits."""
     positions = np.concatenate([np.arange(s.start_position, s.start_position + s.n_tokens) for s in sequences])
-    total = models[0].numerics.total  # a v2 file's partials are runq.c's per-group terms
+    def in_worker_order(partials):  # a v2 file's partials are runq.c's per-group terms: folded in order
+        running = None
+        for model, partial in zip(models, partials):
+            running = model.numerics.fold(partial, running)
+        return running
+
     for layer in range(models[0].config.n_layers):
-        x = x + total(sum(model.attention_partial(layer, x, sequences, positions) for model in models))
-        x = x + total(sum(model.ffn_partial(layer, x) for model in models))
+        x = x + in_worker_order([model.attention_partial(layer, x, sequences, positions) for model in models])
+        x = x + in_worker_order([model.ffn_partial(layer, x) for model in models])
     h = models[0].numerics.rmsnorm(x[-1:], models[0].weights.final_norm)
     return np.concatenate([model.matmul(h, model.weights.classifier) for model in models], axis=1)
 

@@ -9,17 +9,16 @@ every worker alike.
   RoPE angles per position), so the engine's greedy text is runq.c's token for token.
 
 Each op set also says how a row-parallel product (wo, w2: `Y = sum_w X_w A_w^T`) is split into
-what a worker computes (`partial`) and how the workers' partials become the product (`reduce`,
-given the step's all-reduce). NumpyOps sends the worker's product through one all-reduce.
-runq.c adds its groups of columns left to right, which a sum of per-worker products would
-regroup; so RunqOps' partial is the terms runq.c adds, (T, rows, G) with G = columns /
-group_size, each at its group's global index and zero elsewhere, and `reduce` carries one running
-sum down the workers in index order (which is group order): at sync w worker w adds its terms to
-the sum so far and every other worker sends zeros (s + 0 = s), so after `count` syncs every worker
-holds runq.c's bits. The all-reduce still carries (T, rows) arrays, which every exchange (shm,
-peers, star, the tests' threads) carries; the price is count - 1 extra syncs per product, which
-`syncs_per_product` reports (the coordinator's star relay and the bench count them).
-`total` is the same sum for callers that add every worker's partial at once (tests' lockstep).
+what a worker computes (`partial`), how partials add up in worker order (`fold`), and how the
+step's all-reduce makes the product of them (`reduce`). NumpyOps sends the worker's product
+through one all-reduce. runq.c adds its groups of columns left to right, which a sum of
+per-worker products would regroup; so RunqOps' partial is the terms runq.c adds for this worker's
+groups, (T, rows, G_local) with G_local = its columns / group_size, and `reduce` carries one
+running sum down the workers in index order (which is group order): at sync w worker w folds its
+terms into the sum so far and every other worker sends zeros (s + 0 = s), so after `count` syncs
+every worker holds runq.c's bits. The all-reduce still carries (T, rows) arrays, which every
+exchange (shm, peers, star, the tests' threads) carries; the price is count - 1 extra syncs per
+product, which `syncs_per_product` reports (the coordinator's star relay and the bench count them).
 """
 
 from dataclasses import dataclass, field
@@ -131,17 +130,17 @@ class NumpyOps:
         out *= up
         return out
 
-    def partial(self, x: np.ndarray, weight: Matrix, first_col: int, total_cols: int) -> np.ndarray:
-        """This worker's share of a row-parallel product: its columns first_col.. of total_cols."""
+    def partial(self, x: np.ndarray, weight: Matrix) -> np.ndarray:
+        """This worker's share of a row-parallel product (weight: its columns of the matrix)."""
         return weight.matmul(x)
+
+    def fold(self, partial: np.ndarray, running: np.ndarray | None) -> np.ndarray:
+        """The sum of the workers' partials so far with this one added: (T, rows)."""
+        return partial if running is None else running + partial
 
     def reduce(self, partial: np.ndarray, allreduce: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         """This worker's `partial` -> the product (T, rows), summed over every worker."""
         return allreduce(partial)
-
-    def total(self, reduced: np.ndarray) -> np.ndarray:
-        """The sum over workers of `partial` -> the product (T, rows)."""
-        return reduced
 
 
 @dataclass(frozen=True)
@@ -183,12 +182,17 @@ class RunqOps:
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         return kernels.runq_swiglu(np.array(gate, dtype=np.float32, order="C"), up)
 
-    def partial(self, x: np.ndarray, weight: Matrix, first_col: int, total_cols: int) -> np.ndarray:
-        """(T, rows, G): runq.c's terms of this worker's groups, zero at the other workers'
-        (a whole slice: its product)."""
+    def partial(self, x: np.ndarray, weight: Matrix) -> np.ndarray:
+        """(T, rows, G_local): runq.c's terms of this worker's groups (a whole slice: its product)."""
         if self.worker is None:
             return weight.matmul(x)
-        return weight.group_terms(x, first_col, total_cols)
+        return weight.group_terms(x, 0, weight.shape[1])
+
+    def fold(self, partial: np.ndarray, running: np.ndarray | None) -> np.ndarray:
+        """runq.c's running sum carried on over this worker's groups: (T, rows)."""
+        if self.worker is None:
+            return partial
+        return kernels.runq_ordered_sum(partial, running)
 
     def reduce(self, partial: np.ndarray, allreduce: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         """runq.c's running sum over the groups of every worker, carried worker by worker: one
@@ -199,13 +203,8 @@ class RunqOps:
         running = None  # the sum of the groups of workers 0..w-1 (runq.c starts from 0.0f)
         nothing = np.zeros(partial.shape[:-1], dtype=np.float32)
         for worker in range(count):
-            mine = kernels.runq_ordered_sum(partial, running) if worker == index else nothing
-            running = allreduce(mine)
+            running = allreduce(self.fold(partial, running) if worker == index else nothing)
         return running
-
-    def total(self, reduced: np.ndarray) -> np.ndarray:
-        """The sum over every worker's partial at once -> the product, in group order."""
-        return kernels.runq_ordered_sum(reduced) if self.worker is not None else reduced
 
 
 Numerics = NumpyOps | RunqOps

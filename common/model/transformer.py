@@ -90,9 +90,6 @@ class SliceModel:
         self.cache = KVCache(spec.n_layers_local, n_slots, spec.n_kv_heads_local, config.seq_len, config.head_dim)
         self.numerics = choose_numerics(config, spec, weights)  # numpy's float order, or runq.c's
         self.syncs_per_step = syncs_per_step(spec.n_layers_local, self.numerics.syncs_per_product)
-        # where this worker's columns of the row-parallel products (wo, w2) start, and how many there are
-        self.wo_columns = (spec.heads[0] * config.head_dim, config.n_heads * config.head_dim)
-        self.w2_columns = (spec.hidden[0], config.hidden_dim)
         # q, k, v and then w1, w3 as one product each where their storage lies back to back
         self.stacked_qkv = [stack_rows([layer.wq, layer.wk, layer.wv]) for layer in weights.layers]
         self.stacked_w13 = [stack_rows([layer.w1, layer.w3]) for layer in weights.layers]
@@ -145,7 +142,7 @@ class SliceModel:
 
         heads_out = self.numerics.attend(q, k, v, self.cache.keys[layer_index], self.cache.values[layer_index],
                                          sequences, positions)  # (T, n_heads_local, head_dim)
-        return self.numerics.partial(heads_out.reshape(n_tokens, -1), layer.wo, *self.wo_columns)
+        return self.numerics.partial(heads_out.reshape(n_tokens, -1), layer.wo)
 
     def ffn_partial(self, layer_index: int, x: np.ndarray) -> np.ndarray:
         """SwiGLU over this worker's FFN units, before the sum over workers (numerics.reduce makes
@@ -159,7 +156,7 @@ class SliceModel:
             gate = self.numerics.swiglu(both[:, :hidden], both[:, hidden:])
         else:
             gate = self.numerics.swiglu(self.matmul(h, layer.w1), self.matmul(h, layer.w3))
-        return self.numerics.partial(gate, layer.w2, *self.w2_columns)
+        return self.numerics.partial(gate, layer.w2)
 
     def norm_buffer(self, n_rows: int) -> np.ndarray:
         """Where a layer's normed input goes: one array per step size, reused by every layer of

@@ -248,6 +248,46 @@ AVX2 static float row_llama2c_avx2(const int8_t *w, const float *ws, const int8_
     return val;
 }
 
+/* runq.c's terms of one row kept apart, each group's (float)ival * w_scale * x_scale, for a product
+ * whose groups are summed across workers (common/model/numerics.py): the rows above without their sum. */
+static void row_llama2c_terms(const int8_t *w, const float *ws, const int8_t *xq, const float *xs, int cols, int gs,
+                              float *terms) {
+    for (int j = 0, g = 0; j + gs <= cols; j += gs, g++) {
+        int32_t ival = 0;
+        for (int k = 0; k < gs; k++) ival += (int32_t)xq[j + k] * (int32_t)w[j + k];
+        terms[g] = ((float)ival) * ws[g] * xs[g];
+    }
+}
+
+AVX2 static void row_llama2c_terms_avx2(const int8_t *w, const float *ws, const int8_t *xq, const float *xs,
+                                        int cols, int gs, float *terms) {
+    for (int j = 0, g = 0; j + gs <= cols; j += gs, g++) {
+        __m256i sums = _mm256_setzero_si256();
+        for (int k = 0; k < gs; k += QK)
+            sums = _mm256_add_epi32(sums, dot32_avx2(_mm256_loadu_si256((const __m256i *)(w + j + k)),
+                                                     _mm256_loadu_si256((const __m256i *)(xq + j + k))));
+        terms[g] = ((float)hsum_epi32(sums)) * ws[g] * xs[g];
+    }
+}
+
+void llama2c_term_rows(const product_t *p, float *terms, int first_group, int total_groups, int row_begin,
+                       int row_end) {
+    int groups = p->cols / p->group_size, avx2 = p->isa != ISA_PORTABLE && p->group_size % QK == 0;
+    for (int r = row_begin; r < row_end; r++) {
+        const int8_t *row = (const int8_t *)p->weights + (size_t)r * p->row_bytes;
+        const float *ws = p->wscales + (size_t)r * groups;
+        for (int t = 0; t < p->tokens; t++) {
+            const int8_t *xq = p->xq + (size_t)t * p->cols;
+            const float *xs = p->xscale + (size_t)t * groups;
+            float *out = terms + ((size_t)t * p->rows + r) * total_groups + first_group;
+            if (avx2)
+                row_llama2c_terms_avx2(row, ws, xq, xs, p->cols, p->group_size, out);
+            else
+                row_llama2c_terms(row, ws, xq, xs, p->cols, p->group_size, out);
+        }
+    }
+}
+
 /* ---- the Q8_0 and Q4_0 rows of the SIMD backends (dot_blocks.inc) ---- */
 
 /* The block sums below add lanes by unpack and add, 3 instructions where vphaddd is one: vphaddd

@@ -37,6 +37,10 @@ int block_offset_bias(const product_t *p);
 void quantize_activations(const product_t *p, const float *x, int8_t *xq, float *xscale, float *xsum,
                           int32_t *xoffset);
 void product_rows(const product_t *p, int row_begin, int row_end);
+/* llama2.c rows row_begin..row_end: each group's term of runq.c's sum (the product before its sum),
+ * into terms (tokens, rows, total_groups) at first_group.. (see runq_group_terms). */
+void llama2c_term_rows(const product_t *p, float *terms, int first_group, int total_groups, int row_begin,
+                       int row_end);
 /* Expand rows row_begin..row_end of p->weights to float32 out ((row_end - row_begin), cols): for
  * prefill, one tile at a time into a small buffer a BLAS product then reads. */
 void dequantize_rows(const product_t *p, int row_begin, int row_end, float *out);

@@ -20,8 +20,8 @@ int llama2c_tiles_apply_terms(const product_t *p);
  * Returns -1 when out of memory, else 0. */
 int llama2c_tiles_product(const product_t *p, const float *x, int8_t *xq, float *xscale, int parts);
 
-/* runq_group_terms (runq_ops.h) of x, p->out unused: terms (tokens, rows, total_groups), zeroed by
- * the caller, group g at first_group + g, the same bits. */
+/* runq_group_terms (module.c; dot.h's llama2c_term_rows takes 1-2 tokens) of x, p->out unused: terms
+ * (tokens, rows, total_groups), zeroed by the caller, group g at first_group + g, the same bits. */
 int llama2c_tiles_terms(const product_t *p, const float *x, int8_t *xq, float *xscale, float *terms,
                         int first_group, int total_groups, int parts);
 

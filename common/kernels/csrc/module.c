@@ -306,6 +306,19 @@ done:
     return result;
 }
 
+typedef struct {
+    const product_t *p;
+    float *terms;
+    int first_group, total_groups;
+} term_rows_t;
+
+static void term_rows_part(void *context, int index, int count) {
+    const term_rows_t *job = context;
+    int rows = job->p->rows;
+    llama2c_term_rows(job->p, job->terms, job->first_group, job->total_groups, (int)((long)rows * index / count),
+                      (int)((long)rows * (index + 1) / count));
+}
+
 static PyObject *py_runq_group_terms(PyObject *self, PyObject *args) {
     (void)self;
     int rows, cols, tokens, group_size, first_group, total_groups, isa, n_threads;
@@ -337,13 +350,13 @@ static PyObject *py_runq_group_terms(PyObject *self, PyObject *args) {
                    group_size, xq, xscale, NULL, NULL};
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS
-    if (llama2c_tiles_apply_terms(&p)) {
+    if (llama2c_tiles_apply(&p)) { /* 3+ tokens: the rows below for decode's 1 or 2 (no packing) */
         failed = llama2c_tiles_terms(&p, x.buf, xq, xscale, terms.buf, first_group, total_groups,
                                      parts_for(n_threads, rows));
     } else {
         quantize_activations(&p, x.buf, xq, xscale, NULL, NULL);
-        runq_group_terms(terms.buf, weights.buf, wscales.buf, xq, xscale, rows, cols, tokens, group_size, first_group,
-                         total_groups);
+        term_rows_t job = {&p, terms.buf, first_group, total_groups};
+        pool_run(term_rows_part, &job, parts_for(n_threads, rows));
     }
     Py_END_ALLOW_THREADS
     if (failed) {

@@ -79,23 +79,6 @@ void runq_swiglu(float *gate, const float *up, size_t n) {
     }
 }
 
-void runq_group_terms(float *terms, const int8_t *w, const float *ws, const int8_t *xq, const float *xs, int rows,
-                      int cols, int tokens, int group_size, int first_group, int total_groups) {
-    int groups = cols / group_size;
-    for (int t = 0; t < tokens; t++)
-        for (int r = 0; r < rows; r++) {
-            const int8_t *row = w + (size_t)r * cols, *xt = xq + (size_t)t * cols;
-            const float *row_scales = ws + (size_t)r * groups, *x_scales = xs + (size_t)t * groups;
-            float *out = terms + ((size_t)t * rows + r) * total_groups + first_group;
-            for (int g = 0; g < groups; g++) {
-                int32_t ival = 0;
-                for (int k = 0; k < group_size; k++)
-                    ival += (int32_t)xt[g * group_size + k] * (int32_t)row[g * group_size + k];
-                out[g] = ((float)ival) * row_scales[g] * x_scales[g];
-            }
-        }
-}
-
 void runq_ordered_sum(float *out, const float *terms, size_t n, int groups, int from_out) {
     for (size_t i = 0; i < n; i++, terms += groups) {
         float val = from_out ? out[i] : 0.0f;

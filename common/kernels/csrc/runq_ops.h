@@ -23,12 +23,6 @@ void runq_attention(float *out, const float *q, const float *keys, const float *
 /* gate[i] = gate[i] * (1 / (1 + expf(-gate[i]))) * up[i]. */
 void runq_swiglu(float *gate, const float *up, size_t n);
 
-/* terms (tokens, rows, total_groups), zeroed by the caller: group g of this product goes to
- * first_group + g as (float)ival * ws * xs, the term runq.c's matmul adds; xq/xs quantized by
- * quantize_activations (llama2.c rule). */
-void runq_group_terms(float *terms, const int8_t *w, const float *ws, const int8_t *xq, const float *xs, int rows,
-                      int cols, int tokens, int group_size, int first_group, int total_groups);
-
 /* out[i] = ((s + terms[i, 0]) + terms[i, 1]) + ..., n sums of `groups` terms each, where s is 0 or,
  * with from_out, out[i] itself (a sum carried on from the groups before these). */
 void runq_ordered_sum(float *out, const float *terms, size_t n, int groups, int from_out);
