@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from llmtp.common.model import blas_threads
-from llmtp.common.model.blas_threads import FIRST_PROBE_EVERY, HISTORY, BlasThreads
+from llmtp.common.model.blas_threads import FIRST_PROBE_EVERY, HISTORY, QUIET_LOOK_EVERY, BlasThreads
 
 
 class FakeBlas:
@@ -55,6 +55,33 @@ def test_moves_to_one_thread_when_a_core_is_taken_and_back_when_it_is_free():
     assert threads.current == 1 and blas.num_threads == 1
     run_steps(threads, {2: 0.025, 1: 0.040}.get, 400)  # and let it go
     assert threads.current == 2 and blas.num_threads == 2
+
+
+def test_back_to_every_core_as_soon_as_the_process_that_took_one_is_gone(monkeypatch):
+    """A bench's quiet rows after its busy ones: the backed-off schedule alone left them on one
+    thread. A process seen running when the chooser moved to one thread is looked for every
+    QUIET_LOOK_EVERY steps; once it is gone, the next step tries every core."""
+    running = [0]
+    monkeypatch.setattr(blas_threads, "others_running", lambda: running[0])
+    blas = FakeBlas(2)
+    threads = BlasThreads(most=2, libraries=[blas], busy_now=False)
+    run_steps(threads, {2: 0.025, 1: 0.040}.get, 20)
+    running[0] = 1
+    run_steps(threads, {2: 0.300, 1: 0.045}.get, 300)  # long enough for the tries to back off
+    assert threads.current == 1 and threads.probe_every > QUIET_LOOK_EVERY + 1
+    running[0] = 0
+    run_steps(threads, {2: 0.025, 1: 0.040}.get, QUIET_LOOK_EVERY + 1)
+    assert threads.current == 2 and blas.num_threads == 2
+
+
+def test_a_core_taken_by_no_process_seen_gets_only_the_scheduled_tries(monkeypatch):
+    """Another VM's load is not in /proc/loadavg: then nothing tells the chooser it has gone, and
+    every try of two threads costs a slow step, so only the backed-off schedule tries."""
+    monkeypatch.setattr(blas_threads, "others_running", lambda: 0)
+    threads = BlasThreads(most=2, libraries=[FakeBlas(2)], busy_now=False)
+    run_steps(threads, {2: 0.025, 1: 0.040}.get, 20)
+    used = run_steps(threads, {2: 0.300, 1: 0.045}.get, 400)
+    assert threads.current == 1 and used.count(2) < 12
 
 
 def test_one_core_or_no_blas_library_leaves_the_count_alone():

@@ -9,7 +9,9 @@ contention"). No fixed count is right on a shared machine, so this measures: dec
 steps run on the count that has been fastest lately, and now and then one step tries the
 other (1 or every usable core). A try that loses backs the next one off (up to every
 MAX_PROBE_EVERY steps), so a quiet or a steadily busy machine pays little for it; two steps in
-a row far slower than the current count's median try the other at once. The count is the
+a row far slower than the current count's median try the other at once; and one thread taken
+because another process was seen running tries every core again as soon as none is (the
+backed-off schedule alone kept a bench's quiet rows after a busy one on one thread). The count is the
 process's (every chooser in it sets the libraries alike), so each step sets its own. A prefill
 (too long to try twice) runs on one thread whenever another process is running as it
 starts, and so does the first step: the bench's contended prefill fell to 0.32x of its
@@ -36,6 +38,7 @@ MAX_PROBE_EVERY = 128
 SWITCH_BELOW = 0.9  # switch when the other count's try took less than this share of the current's time
 TRY_AT_ONCE_ABOVE = 1.5  # two steps in a row this much slower than the current count's median: try the other next
 HISTORY = 3  # the current count's time is the median of its last few steps
+QUIET_LOOK_EVERY = 8  # steps on one thread between looks for the process that took a core having gone
 WARM_UP_ROWS = 64  # rows of the product that warms the library (a prefill's shape)
 WARM_UP_MOST = 1024, 4096  # at most these inputs and outputs: a few ms, even for a 7B layer
 
@@ -107,8 +110,11 @@ class BlasThreads:
         # Start where the machine is now: with another process running, one thread (the first
         # prefill is otherwise the slowest step of all, before any try could move it).
         self.current = self.most
+        # one thread because another process was seen running: when none is, try every core again
+        self.seen_busy = False
         if self.adaptive and (others_running() >= 1 if busy_now is None else busy_now):
             self.current = 1
+            self.seen_busy = True
             self.apply(1)
         self.times = {count: deque(maxlen=HISTORY) for count in {1, self.most}}
         self.probe_every = HISTORY  # the first try comes as soon as the current count has a median
@@ -173,6 +179,11 @@ class BlasThreads:
             self.slow_steps = self.slow_steps + 1 if slow else 0
             self.steps_since_probe = self.probe_every if self.slow_steps >= 2 else self.steps_since_probe + 1
             history.append(elapsed)
+            if self.seen_busy and self.steps_since_probe % QUIET_LOOK_EVERY == 0 and others_running() == 0:
+                # the process that took a core has gone: try now, once (an unseen one, another
+                # VM's, gets no more tries than the schedule's)
+                self.seen_busy = False
+                self.steps_since_probe = self.probe_every
             return
         self.steps_since_probe = self.slow_steps = 0
         current_time = statistics.median(self.times[self.current])
@@ -182,5 +193,6 @@ class BlasThreads:
             self.current = count
             self.apply(count)
             self.probe_every = FIRST_PROBE_EVERY
+            self.seen_busy = count == 1 and others_running() >= 1
         else:
             self.probe_every = min(MAX_PROBE_EVERY, max(FIRST_PROBE_EVERY, 2 * self.probe_every))
