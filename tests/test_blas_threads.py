@@ -84,6 +84,23 @@ def test_a_core_taken_by_no_process_seen_gets_only_the_scheduled_tries(monkeypat
     assert threads.current == 1 and used.count(2) < 12
 
 
+def test_the_decode_steps_just_after_a_prefill_are_not_timed(monkeypatch):
+    """The first decode step after a 128-token prefill took 5-7x the next (OpenBLAS's threads
+    spinning down): timed, it let a one-thread try win and keep the engine there."""
+    monkeypatch.setattr(blas_threads, "others_running", lambda: 0)
+    assert blas_threads.SETTLE_STEPS >= 1
+    threads = BlasThreads(most=2, libraries=[FakeBlas(2)], busy_now=False)
+    with threads.step(blas_threads.DECODE_ROWS + 1):
+        pass
+    for _ in range(blas_threads.SETTLE_STEPS):
+        with threads.step(1):
+            pass
+    assert not threads.times[2] and threads.steps_since_probe == 0
+    with threads.step(1):
+        pass
+    assert len(threads.times[2]) == 1
+
+
 def test_one_core_or_no_blas_library_leaves_the_count_alone():
     assert not BlasThreads(most=1, libraries=[FakeBlas(1)]).adaptive
     assert not BlasThreads(most=2, libraries=[]).adaptive

@@ -11,7 +11,8 @@ other (1 or every usable core). A try that loses backs the next one off (up to e
 MAX_PROBE_EVERY steps), so a quiet or a steadily busy machine pays little for it; two steps in
 a row far slower than the current count's median try the other at once; and one thread taken
 because another process was seen running tries every core again as soon as none is (the
-backed-off schedule alone kept a bench's quiet rows after a busy one on one thread). The count is the
+backed-off schedule alone kept a bench's quiet rows after a busy one on one thread). The first
+decode steps after a prefill are not timed (its BLAS threads are still winding down). The count is the
 process's (every chooser in it sets the libraries alike), so each step sets its own. A prefill
 (too long to try twice) runs on one thread whenever another process is running as it
 starts, and so does the first step: the bench's contended prefill fell to 0.32x of its
@@ -38,6 +39,7 @@ MAX_PROBE_EVERY = 128
 SWITCH_BELOW = 0.9  # switch when the other count's try took less than this share of the current's time
 TRY_AT_ONCE_ABOVE = 1.5  # two steps in a row this much slower than the current count's median: try the other next
 HISTORY = 3  # the current count's time is the median of its last few steps
+SETTLE_STEPS = 2  # decode steps after a prefill left untimed: its BLAS threads are still winding down
 QUIET_LOOK_EVERY = 8  # steps on one thread between looks for the process that took a core having gone
 WARM_UP_ROWS = 64  # rows of the product that warms the library (a prefill's shape)
 WARM_UP_MOST = 1024, 4096  # at most these inputs and outputs: a few ms, even for a 7B layer
@@ -120,6 +122,7 @@ class BlasThreads:
         self.probe_every = HISTORY  # the first try comes as soon as the current count has a median
         self.steps_since_probe = 0
         self.slow_steps = 0  # decode steps in a row much slower than their count's median
+        self.settling = 0  # decode steps still to leave untimed after a prefill
 
     def warm_up(self, n_in: int, n_out: int) -> None:
         """The library warmed on every count a step may use, then left on the current one."""
@@ -155,6 +158,14 @@ class BlasThreads:
                 yield
             finally:
                 self.apply(self.current)
+                # the first decode step after a 128-token prefill took 5-7x the next ones while
+                # OpenBLAS's threads spun down; timed, it made a one-thread try win and stay
+                self.settling = SETTLE_STEPS
+            return
+        if self.settling:
+            self.settling -= 1
+            self.apply(self.current)
+            yield
             return
         other = 1 if self.current == self.most else self.most
         probing = self.steps_since_probe >= self.probe_every
