@@ -28,6 +28,17 @@ def stories260k():
             "sp_model": folder / "tok512.model", "reference": folder / "REFERENCE.md"}
 
 
+@pytest.fixture(params=["vnni", "avx2", "portable", "numpy"])
+def backend(request):
+    """Each kernel backend in turn (common/kernels), skipped where this machine lacks it."""
+    from llmtp.common import kernels
+    if request.param not in kernels.available_backends():
+        pytest.skip(f"kernel backend {request.param} not available here ({kernels.backend_info()})")
+    previous = kernels.use_backend(request.param)
+    yield request.param
+    kernels.use_backend(previous)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def no_orphan_workers():
     """Fail the run if any test left a worker process of ours behind (and clean it up)."""

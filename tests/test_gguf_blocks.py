@@ -34,15 +34,6 @@ FORMATS = ("q8_0", "q4_0", "q4_1")
 SHAPES = [(1, 32), (7, 32), (13, 96), (37, 160)]  # one row, one block, rows not a multiple of 8
 
 
-@pytest.fixture(params=["vnni", "avx2", "portable", "numpy"])
-def backend(request):
-    if request.param not in kernels.available_backends():
-        pytest.skip(f"kernel backend {request.param} not available here ({kernels.backend_info()})")
-    previous = kernels.use_backend(request.param)
-    yield request.param
-    kernels.use_backend(previous)
-
-
 def gguf_blocks(w: np.ndarray, fmt: str) -> np.ndarray:
     return gguf.quants.quantize(w, gguf.GGMLQuantizationType[fmt.upper()])
 

@@ -30,15 +30,6 @@ SHAPES = [(1, 32), (1, 96), (7, 32), (13, 64), (37, 160), (67, 256), (3, 320), (
 TOKENS = [1, 3, 5, 8]  # they pass 4 tokens at a time: one pass short, one and a bit, two
 
 
-@pytest.fixture(params=["vnni", "avx2", "portable", "numpy"])
-def backend(request):
-    if request.param not in kernels.available_backends():
-        pytest.skip(f"kernel backend {request.param} not available here ({kernels.backend_info()})")
-    previous = kernels.use_backend(request.param)
-    yield request.param
-    kernels.use_backend(previous)
-
-
 def random_weights(rng, rows, cols):
     """Weights with uneven row scales, an all-zero block and a constant block."""
     w = rng.standard_normal((rows, cols)).astype(np.float32) * rng.uniform(0.1, 3.0, (rows, 1)).astype(np.float32)

@@ -14,15 +14,6 @@ TOKENS = [2, 3, 5, 9, 17, 64]
 GROUP_SIZES = [32, 64, 8, 24, 6]  # 6: not a multiple of 4, so the row kernels take every token count
 
 
-@pytest.fixture(params=["vnni", "avx2", "portable", "numpy"])
-def backend(request):
-    if request.param not in kernels.available_backends():
-        pytest.skip(f"kernel backend {request.param} not available here ({kernels.backend_info()})")
-    previous = kernels.use_backend(request.param)
-    yield request.param
-    kernels.use_backend(previous)
-
-
 def random_v2(rng, rows, cols, group_size):
     """int8 values over the whole range (-128 too: a file may hold it) and uneven group scales."""
     values = rng.integers(-128, 128, (rows, cols), dtype=np.int8)
