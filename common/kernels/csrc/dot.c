@@ -336,13 +336,6 @@ AVX2 static inline __m256i sums_of_blocks(const __m256i *blocks) {
 #define Q8_0_OFFSET 0
 #define FULL_SCALES8(group, bytes) scales8_avx2(group, bytes, 8)
 #include "dot_blocks.inc"
-#undef TARGET
-#undef NAME
-#undef Q4_0_PAIR
-#undef Q8_0_PREPARE
-#undef Q8_0_BLOCK
-#undef Q8_0_OFFSET
-#undef FULL_SCALES8
 
 /* The 8 scales of a whole group by word permutes of the bytes around them, four scales from each
  * 64 (Q4_0) or 128 (Q8_0) bytes. Gathered one by one they took a fifth of a Q4_0 row's time: a
@@ -375,13 +368,6 @@ VNNI static inline __m256 full_scales8_vnni(const uint8_t *group, size_t bytes) 
 #define Q8_0_OFFSET 1
 #define FULL_SCALES8(group, bytes) full_scales8_vnni(group, bytes)
 #include "dot_blocks.inc"
-#undef TARGET
-#undef NAME
-#undef Q4_0_PAIR
-#undef Q8_0_PREPARE
-#undef Q8_0_BLOCK
-#undef Q8_0_OFFSET
-#undef FULL_SCALES8
 
 /* ---- VNNI rows (Q4_1) ---- */
 
