@@ -150,24 +150,9 @@ def has_f32_kernel() -> bool:
 def matmul_f32(weights: np.ndarray | Sequence[np.ndarray], x: np.ndarray, out: np.ndarray | None = None,
                n_threads: int | None = None) -> np.ndarray:
     """float32 weights (rows, cols), C-contiguous, or several of them stacked by rows (a layer's
-    q, k and v: their outputs side by side, one call); x (T, cols), T <= F32_MAX_TOKENS -> (T, rows)."""
-    if not has_f32_kernel():
-        raise ValueError(f"the float32 kernel needs the avx2 backend ({backend_info()})")
-    parts = (weights,) if isinstance(weights, np.ndarray) else tuple(weights)
-    if not 1 <= len(parts) <= F32_MAX_STACK:
-        raise ValueError(f"a stack holds 1..{F32_MAX_STACK} matrices, got {len(parts)}")
-    for part in parts:
-        if not isinstance(part, np.ndarray) or part.dtype != np.float32 or part.ndim != 2 \
-                or not part.flags.c_contiguous or part.shape[1] != parts[0].shape[1]:
-            raise ValueError(f"weights must be C-contiguous float32 (rows, cols) of one cols, got "
-                             f"{[(getattr(p, 'dtype', type(p).__name__), getattr(p, 'shape', None)) for p in parts]}")
-    cols = parts[0].shape[1]
-    x = _activations(x, cols)
-    if not 1 <= x.shape[0] <= F32_MAX_TOKENS:
-        raise ValueError(f"x has {x.shape[0]} tokens; the float32 kernel takes 1..{F32_MAX_TOKENS}")
-    out = _output(out, x.shape[0], sum(part.shape[0] for part in parts))
-    _native.matmul_f32(parts, cols, x, x.shape[0], out, threads() if n_threads is None else n_threads, _ISA[_backend])
-    return out
+    q, k and v: their outputs side by side, one call); x (T, cols), T <= F32_MAX_TOKENS -> (T, rows).
+    A matrix multiplied at every step keeps an F32Product instead (checked once)."""
+    return F32Product(weights)(x, out, n_threads)
 
 
 def _activations(x: np.ndarray, cols: int) -> np.ndarray:
@@ -188,24 +173,13 @@ def _output(out: np.ndarray | None, tokens: int, rows: int) -> np.ndarray:
 
 
 def _matmul_gguf(fmt: str, blocks: np.ndarray, x: np.ndarray, out, n_threads: int) -> np.ndarray:
-    if blocks.dtype != np.uint8 or blocks.ndim != 2 or blocks.shape[1] % BLOCK_BYTES[fmt]:
-        raise ValueError(f"{fmt} blocks must be uint8 (rows, n_blocks * {BLOCK_BYTES[fmt]}), "
-                         f"got {blocks.dtype} {blocks.shape}")
-    rows, cols = blocks.shape[0], blocks.shape[1] // BLOCK_BYTES[fmt] * QK
-    x = _activations(x, cols)
-    out = _output(out, x.shape[0], rows)
-    blocks = np.ascontiguousarray(blocks)
-    if _backend == "numpy":
-        return fallback.matmul_gguf(fmt, blocks, x, out)
-    _native.matmul(FORMAT_CODES[fmt], _ISA[_backend], blocks, b"", QK, rows, cols, x, x.shape[0], out, n_threads)
-    return out
+    return BlockProduct(fmt, blocks)(x, out, n_threads)
 
 
 def matmul_gguf(fmt: str, blocks: np.ndarray, x: np.ndarray, out: np.ndarray | None = None,
                 n_threads: int = 1) -> np.ndarray:
-    """`fmt` one of "q8_0", "q4_0", "q4_1": the product of matmul_q8_0 / _q4_0 / _q4_1."""
-    if fmt not in BLOCK_BYTES:
-        raise ValueError(f"unknown block format {fmt!r} (known: {', '.join(BLOCK_BYTES)})")
+    """`fmt` one of "q8_0", "q4_0", "q4_1": the product of matmul_q8_0 / _q4_0 / _q4_1 (a matrix
+    multiplied at every step keeps a BlockProduct instead)."""
     return _matmul_gguf(fmt, blocks, x, out, n_threads)
 
 
@@ -298,10 +272,12 @@ def dequantize_llama2c(values: np.ndarray, scales: np.ndarray, group_size: int,
     return out
 
 
-__all__ = ["matmul_f32", "attend", "has_f32_kernel", "F32_MAX_TOKENS", "threads", "THREADS", "dequantize_gguf", "dequantize_llama2c", "matmul_gguf", "matmul_q8_0", "matmul_q4_0", "matmul_q4_1", "matmul_llama2c_q8", "backend", "backend_info",
+__all__ = ["F32Product", "BlockProduct", "matmul_f32", "attend", "attend_qkv", "rmsnorm", "has_numpy_steps", "has_f32_kernel", "F32_MAX_TOKENS", "threads", "THREADS", "dequantize_gguf", "dequantize_llama2c", "matmul_gguf", "matmul_q8_0", "matmul_q4_0", "matmul_q4_1", "matmul_llama2c_q8", "backend", "backend_info",
            "use_backend", "available_backends", "default_threads", "row_bytes", "QK", "BLOCK_BYTES",
            "runq_rmsnorm", "runq_rope", "runq_attention", "runq_swiglu", "runq_group_terms", "runq_ordered_sum"]
 
-from .attention import attend  # noqa: E402  (they call the helpers above)
+from .attention import attend, attend_qkv  # noqa: E402  (they call the helpers above)
+from .numpy_steps import has_numpy_steps, rmsnorm  # noqa: E402
+from .products import BlockProduct, F32Product  # noqa: E402
 from .runq_steps import (runq_attention, runq_group_terms, runq_ordered_sum, runq_rmsnorm,  # noqa: E402
                          runq_rope, runq_swiglu)

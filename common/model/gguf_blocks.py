@@ -15,6 +15,7 @@ q = min(15, trunc((w - min) / d + 0.5)); d and m stored as fp16.
 
 import threading
 from dataclasses import dataclass
+from functools import cached_property
 from typing import ClassVar
 
 import numpy as np
@@ -115,7 +116,11 @@ class GgufBlockMatrix(Matrix):
     def matmul(self, x: np.ndarray) -> np.ndarray:
         if x.ndim == 2 and x.shape[0] > PREFILL_TOKENS:
             return self._matmul_by_tiles(np.asarray(x, dtype=np.float32))
-        return kernels.matmul_gguf(self.fmt, self.blocks, x, n_threads=kernels.threads())
+        return self.product(x, n_threads=kernels.threads())
+
+    @cached_property
+    def product(self) -> kernels.BlockProduct:
+        return kernels.BlockProduct(self.fmt, self.blocks)
 
     def _matmul_by_tiles(self, x: np.ndarray) -> np.ndarray:
         rows, cols = self.shape

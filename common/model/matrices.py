@@ -16,6 +16,7 @@ reach it only through these methods.
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import cached_property
 from math import prod
 from typing import ClassVar, Sequence
 
@@ -267,9 +268,12 @@ class F32Matrix(np.ndarray, Matrix):
     def matmul(self, x: np.ndarray) -> np.ndarray:
         # a few tokens (decode): the kernel streams the matrix once at memory speed, where BLAS's
         # sgemm would pack it first; one token takes it too, so batched rows equal lone ones
-        if x.ndim == 2 and x.shape[0] <= kernels.F32_MAX_TOKENS and kernels.has_f32_kernel() \
-                and self.flags.c_contiguous:
-            return kernels.matmul_f32(self.plain, x)
+        if x.ndim == 2 and x.shape[0] <= kernels.F32_MAX_TOKENS and kernels.has_f32_kernel():
+            product = self.__dict__.get("product")  # made at the first product (a view is a new object)
+            if product is None and self.flags.c_contiguous:
+                product = self.__dict__["product"] = kernels.F32Product(self.plain)
+            if product is not None:
+                return product(x)
         return x @ self.plain.T
 
     def dequantize(self) -> np.ndarray:
@@ -322,9 +326,13 @@ class F32RowStack:
     def shape(self) -> tuple[int, int]:
         return sum(part.shape[0] for part in self.parts), self.parts[0].shape[1]
 
+    @cached_property
+    def product(self) -> kernels.F32Product:
+        return kernels.F32Product(self.parts)
+
     def matmul(self, x: np.ndarray) -> np.ndarray:
         if x.ndim == 2 and x.shape[0] <= kernels.F32_MAX_TOKENS and kernels.has_f32_kernel():
-            return kernels.matmul_f32(self.parts, x)  # the same bits as each part's own product
+            return self.product(x)  # the same bits as each part's own product
         return np.concatenate([x @ part.T for part in self.parts], axis=1)
 
 

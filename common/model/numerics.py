@@ -56,6 +56,19 @@ def attend_each(attention: OneSequenceAttention, q: np.ndarray, k: np.ndarray, v
     return heads_out
 
 
+def split_qkv(qkv: np.ndarray, n_heads: int, n_kv: int, head_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One product's (T, (n_heads + 2 n_kv) D) rows -> q (T, n_heads, D), k and v (T, n_kv, D), views."""
+    n_tokens, q_cols, kv_cols = qkv.shape[0], n_heads * head_dim, n_kv * head_dim
+    return (qkv[:, :q_cols].reshape(n_tokens, n_heads, head_dim),
+            qkv[:, q_cols:q_cols + kv_cols].reshape(n_tokens, n_kv, head_dim),
+            qkv[:, q_cols + kv_cols:].reshape(n_tokens, n_kv, head_dim))
+
+
+def token_slots(sequences: Sequence) -> np.ndarray:
+    """(T,) int32: the cache slot of each row's sequence."""
+    return np.repeat(np.array([s.slot for s in sequences], dtype=np.int32), [s.n_tokens for s in sequences])
+
+
 def kv_head_of_each_head(spec: SliceSpec, config: ModelConfig) -> np.ndarray:
     """(n_heads_local,) int32: the local kv head each local query head reads."""
     kv_of_head = np.empty(spec.n_heads_local, dtype=np.int32)
@@ -90,6 +103,8 @@ class NumpyOps:
                    rope_rotations(config.seq_len, config.head_dim, config.rope_theta), _uniform_group_size(kv_groups))
 
     def rmsnorm(self, x: np.ndarray, weight: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        if kernels.has_numpy_steps():  # the same bits in one call
+            return kernels.rmsnorm(x, weight, self.config.norm_eps, out=out)
         return rmsnorm(x, weight, self.config.norm_eps, out=out)
 
     def rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -102,9 +117,18 @@ class NumpyOps:
         sequence's attention: (T, H_local, D). positions: (T,) each row's position."""
         if not kernels.has_f32_kernel():
             return attend_each(self.attention, q, k, v, keys, values, sequences)
-        token_slots = np.repeat(np.array([s.slot for s in sequences], dtype=np.int32),
-                                [s.n_tokens for s in sequences])
-        return kernels.attend(q, k, v, keys, values, self.kv_of_head, token_slots, positions)
+        return kernels.attend(q, k, v, keys, values, self.kv_of_head, token_slots(sequences), positions)
+
+    def attend_qkv(self, qkv: np.ndarray, keys: np.ndarray, values: np.ndarray, sequences: Sequence,
+                   positions: np.ndarray) -> np.ndarray:
+        """rope() on q and k of one product's rows (T, (H_local + 2 n_kv_local) D), then attend():
+        (T, H_local, D). In C in one call where the kernels run (the same bits)."""
+        n_heads, head_dim = self.kv_of_head.size, self.config.head_dim
+        if kernels.has_f32_kernel() and qkv.flags.c_contiguous and qkv.flags.writeable:
+            return kernels.attend_qkv(qkv, n_heads, self.rotations, keys, values, self.kv_of_head,
+                                      token_slots(sequences), positions)
+        q, k, v = split_qkv(qkv, n_heads, keys.shape[1], head_dim)
+        return self.attend(self.rope(q, positions), self.rope(k, positions), v, keys, values, sequences, positions)
 
     def attention(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, start_position: int) -> np.ndarray:
         """numpy's attention (where the C kernels do not run). q: (T, H_local, D) of one sequence at start_position..; keys, values: its slot's cache
@@ -174,6 +198,12 @@ class RunqOps:
     def attend(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, keys: np.ndarray, values: np.ndarray,
                sequences: Sequence, positions: np.ndarray) -> np.ndarray:
         return attend_each(self.attention, q, k, v, keys, values, sequences)
+
+    def attend_qkv(self, qkv: np.ndarray, keys: np.ndarray, values: np.ndarray, sequences: Sequence,
+                   positions: np.ndarray) -> np.ndarray:
+        """rope() on q and k of one product's rows (T, (H_local + 2 n_kv_local) D), then attend()."""
+        q, k, v = split_qkv(qkv, self.kv_of_head.size, keys.shape[1], self.config.head_dim)
+        return self.attend(self.rope(q, positions), self.rope(k, positions), v, keys, values, sequences, positions)
 
     def attention(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, start_position: int) -> np.ndarray:
         positions = np.arange(start_position, start_position + q.shape[0])

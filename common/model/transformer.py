@@ -126,22 +126,15 @@ class SliceModel:
         """This worker's heads' contribution to the attention output, before the sum over workers
         (numerics.reduce makes it the output)."""
         layer = self.weights.layers[layer_index]
-        n_tokens, head_dim = x.shape[0], self.config.head_dim
+        n_tokens = x.shape[0]
         h = self.numerics.rmsnorm(x, layer.attn_norm, out=self.norm_buffer(n_tokens))
         wqkv = self.stacked_qkv[layer_index]
         if wqkv is not None:  # one product for q, k and v
             qkv = wqkv.matmul(h)
-            q_cols, kv_cols = layer.wq.shape[0], layer.wk.shape[0]
-            q, k, v = qkv[:, :q_cols], qkv[:, q_cols:q_cols + kv_cols], qkv[:, q_cols + kv_cols:]
         else:
-            q, k, v = self.matmul(h, layer.wq), self.matmul(h, layer.wk), self.matmul(h, layer.wv)
-        q = q.reshape(n_tokens, self.spec.n_heads_local, head_dim)
-        k = k.reshape(n_tokens, self.spec.n_kv_heads_local, head_dim)
-        v = v.reshape(n_tokens, self.spec.n_kv_heads_local, head_dim)
-        q, k = self.numerics.rope(q, positions), self.numerics.rope(k, positions)
-
-        heads_out = self.numerics.attend(q, k, v, self.cache.keys[layer_index], self.cache.values[layer_index],
-                                         sequences, positions)  # (T, n_heads_local, head_dim)
+            qkv = np.concatenate([self.matmul(h, layer.wq), self.matmul(h, layer.wk), self.matmul(h, layer.wv)], axis=1)
+        heads_out = self.numerics.attend_qkv(qkv, self.cache.keys[layer_index], self.cache.values[layer_index],
+                                             sequences, positions)  # (T, n_heads_local, head_dim)
         return self.numerics.partial(heads_out.reshape(n_tokens, -1), layer.wo)
 
     def ffn_partial(self, layer_index: int, x: np.ndarray) -> np.ndarray:

@@ -145,7 +145,7 @@ void attend_items_avx2(const attend_t *a, float *scores, int item_begin, int ste
         int token = item / a->n_heads, head = item % a->n_heads;
         long kv_offset = ((long)a->token_slot[token] * a->n_kv + a->kv_of_head[head]) * a->seq_len * head_dim;
         int n = a->token_position[token] + 1;
-        item_scores(a->q + (long)item * head_dim, a->keys + kv_offset, n, head_dim, scale, scores);
+        item_scores(a->q + token * a->q_stride + (long)head * head_dim, a->keys + kv_offset, n, head_dim, scale, scores);
         float total = exp_weights(scores, n);
         weighted_values(a->values + kv_offset, scores, n, head_dim, 1.0f / total, a->out + (long)item * head_dim);
     }

@@ -7,7 +7,7 @@
 
 typedef struct {
     float *out;                    /* (tokens, n_heads, head_dim) */
-    const float *q;                /* (tokens, n_heads, head_dim), RoPE applied */
+    const float *q;                /* (tokens, n_heads, head_dim) with RoPE applied, tokens q_stride floats apart */
     const float *keys, *values;    /* one layer's cache: (n_slots, n_kv, seq_len, head_dim) */
     const int32_t *kv_of_head;     /* (n_heads,) the kv head each query head reads */
     const int32_t *token_slot;     /* (tokens,) the cache slot of each token's sequence */
@@ -15,6 +15,7 @@ typedef struct {
     int tokens, n_heads, n_kv, seq_len, head_dim;
     float *scores; /* scratch: one row of seq_len rounded up to 8 floats per part */
     int scores_stride;
+    long q_stride; /* n_heads * head_dim, or more where q is a part of each row of a wider array (q|k|v) */
 } attend_t;
 
 /* Items item_begin, item_begin + step, ... below tokens * n_heads (item = token * n_heads + head),

@@ -13,6 +13,7 @@
 #include "dot.h"
 #include "f32.h"
 #include "llama2c_tiles.h"
+#include "numpy_ops.h"
 #include "pool.h"
 #include "runq_ops.h"
 
@@ -417,6 +418,50 @@ static int check_indices(const Py_buffer *buffer, int limit, const char *what) {
     return 0;
 }
 
+/* The cache and index arguments both attention entries share: lengths and index ranges checked. */
+static int check_attention(const Py_buffer *keys, const Py_buffer *values, const Py_buffer *kv_of_head,
+                           const Py_buffer *token_slot, const Py_buffer *token_position, int tokens, int n_heads,
+                           int n_kv, int n_slots, int seq_len, int head_dim) {
+    int cache_shape[] = {n_slots, n_kv, seq_len, head_dim, (int)sizeof(float)};
+    size_t cache_bytes = size_product(5, cache_shape);
+    if (tokens < 1 || n_heads < 1 || n_kv < 1 || n_slots < 1 || seq_len < 1 || head_dim < 1 || !cache_bytes ||
+        seq_len > INT32_MAX - 8 || !cpu_has_avx2()) {
+        PyErr_SetString(PyExc_ValueError, "bad shape, or no AVX2 here");
+        return -1;
+    }
+    return check_length(keys, cache_bytes, "keys") || check_length(values, cache_bytes, "values") ||
+                   check_length(kv_of_head, sizeof(int32_t) * (size_t)n_heads, "kv_of_head") ||
+                   check_length(token_slot, sizeof(int32_t) * (size_t)tokens, "token_slot") ||
+                   check_length(token_position, sizeof(int32_t) * (size_t)tokens, "token_position") ||
+                   check_indices(kv_of_head, n_kv, "kv head") || check_indices(token_slot, n_slots, "slot") ||
+                   check_indices(token_position, seq_len, "position")
+               ? -1
+               : 0;
+}
+
+/* The step's keys and values (token t, kv head j at k + t * kv_stride + j * head_dim) into the
+ * cache, then every item of `a` over the pool: every key and value of the step is in the cache
+ * before any query reads it. Called without the GIL; `a->scores` holds `parts` rows. */
+static void attend_with_cache(attend_t *a, float *keys, float *values, const float *k, const float *v,
+                              long kv_stride, int parts) {
+    size_t row_bytes = sizeof(float) * (size_t)a->head_dim;
+    for (int t = 0; t < a->tokens; t++)
+        for (int j = 0; j < a->n_kv; j++) {
+            size_t at = (((size_t)a->token_slot[t] * a->n_kv + j) * a->seq_len + a->token_position[t]) * a->head_dim;
+            size_t from = (size_t)t * kv_stride + (size_t)j * a->head_dim;
+            memcpy(keys + at, k + from, row_bytes);
+            memcpy(values + at, v + from, row_bytes);
+        }
+    pool_run(attend_part, a, parts);
+}
+
+static float *score_rows(int n_threads, int items, int seq_len, int *parts, int *stride) {
+    *parts = parts_for(n_threads, items), *stride = (seq_len + 7) & ~7;
+    float *scores = malloc(sizeof(float) * (size_t)*parts * *stride);
+    if (!scores) PyErr_NoMemory();
+    return scores;
+}
+
 static PyObject *py_attend(PyObject *self, PyObject *args) {
     (void)self;
     int tokens, n_heads, n_kv, n_slots, seq_len, head_dim, n_threads;
@@ -429,41 +474,19 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     PyObject *result = NULL;
     float *scores = NULL;
     int q_shape[] = {tokens, n_heads, head_dim, (int)sizeof(float)}, kv_shape[] = {tokens, n_kv, head_dim, (int)sizeof(float)};
-    int cache_shape[] = {n_slots, n_kv, seq_len, head_dim, (int)sizeof(float)};
-    size_t q_bytes = size_product(4, q_shape), kv_bytes = size_product(4, kv_shape), cache_bytes = size_product(5, cache_shape);
-    if (tokens < 1 || n_heads < 1 || n_kv < 1 || n_slots < 1 || seq_len < 1 || head_dim < 1 || !q_bytes || !kv_bytes ||
-        !cache_bytes || seq_len > INT32_MAX - 8 || !cpu_has_avx2()) {
-        PyErr_SetString(PyExc_ValueError, "bad shape, or no AVX2 here");
+    size_t q_bytes = size_product(4, q_shape), kv_bytes = size_product(4, kv_shape);
+    if (check_attention(&keys, &values, &kv_of_head, &token_slot, &token_position, tokens, n_heads, n_kv, n_slots,
+                        seq_len, head_dim))
         goto done;
-    }
-    if (check_length(&out, q_bytes, "out") || check_length(&q, q_bytes, "q") || check_length(&k, kv_bytes, "k") ||
-        check_length(&v, kv_bytes, "v") || check_length(&keys, cache_bytes, "keys") ||
-        check_length(&values, cache_bytes, "values") ||
-        check_length(&kv_of_head, sizeof(int32_t) * (size_t)n_heads, "kv_of_head") ||
-        check_length(&token_slot, sizeof(int32_t) * (size_t)tokens, "token_slot") ||
-        check_length(&token_position, sizeof(int32_t) * (size_t)tokens, "token_position") ||
-        check_indices(&kv_of_head, n_kv, "kv head") || check_indices(&token_slot, n_slots, "slot") ||
-        check_indices(&token_position, seq_len, "position"))
+    if (!q_bytes || !kv_bytes || check_length(&out, q_bytes, "out") || check_length(&q, q_bytes, "q") ||
+        check_length(&k, kv_bytes, "k") || check_length(&v, kv_bytes, "v"))
         goto done;
-    int parts = parts_for(n_threads, tokens * n_heads), stride = (seq_len + 7) & ~7;
-    scores = malloc(sizeof(float) * (size_t)parts * stride);
-    if (!scores) {
-        PyErr_NoMemory();
-        goto done;
-    }
+    int parts, stride;
+    if (!(scores = score_rows(n_threads, tokens * n_heads, seq_len, &parts, &stride))) goto done;
     attend_t a = {out.buf, q.buf, keys.buf, values.buf, kv_of_head.buf, token_slot.buf, token_position.buf,
-                  tokens, n_heads, n_kv, seq_len, head_dim, scores, stride};
+                  tokens, n_heads, n_kv, seq_len, head_dim, scores, stride, (long)n_heads * head_dim};
     Py_BEGIN_ALLOW_THREADS
-    /* every key and value of the step is in the cache before any query reads it */
-    size_t row_bytes = sizeof(float) * (size_t)head_dim;
-    for (int t = 0; t < tokens; t++)
-        for (int j = 0; j < n_kv; j++) {
-            size_t at = (((size_t)a.token_slot[t] * n_kv + j) * seq_len + a.token_position[t]) * head_dim;
-            size_t from = ((size_t)t * n_kv + j) * head_dim;
-            memcpy((float *)keys.buf + at, (const float *)k.buf + from, row_bytes);
-            memcpy((float *)values.buf + at, (const float *)v.buf + from, row_bytes);
-        }
-    pool_run(attend_part, &a, parts);
+    attend_with_cache(&a, keys.buf, values.buf, k.buf, v.buf, (long)n_kv * head_dim, parts);
     Py_END_ALLOW_THREADS
     result = Py_None;
     Py_INCREF(result);
@@ -472,6 +495,77 @@ done:
     PyBuffer_Release(&out), PyBuffer_Release(&q), PyBuffer_Release(&k), PyBuffer_Release(&v);
     PyBuffer_Release(&keys), PyBuffer_Release(&values), PyBuffer_Release(&kv_of_head);
     PyBuffer_Release(&token_slot), PyBuffer_Release(&token_position);
+    return result;
+}
+
+/* attend() on a product's q|k|v rows (tokens, (n_heads + 2 n_kv) head_dim), RoPE first: q and k
+ * rotated in place by rotations[token_position[t]] ((seq_len, head_dim / 2) cos, sin pairs), one
+ * call where the numpy op set made eight (slices, reshapes, two complex products, copies). */
+static PyObject *py_attend_qkv(PyObject *self, PyObject *args) {
+    (void)self;
+    int tokens, n_heads, n_kv, n_slots, seq_len, head_dim, n_threads;
+    Py_buffer out = {0}, qkv = {0}, rotations = {0}, keys = {0}, values = {0}, kv_of_head = {0}, token_slot = {0},
+              token_position = {0};
+    if (!PyArg_ParseTuple(args, "w*w*y*w*w*y*y*y*iiiiiii", &out, &qkv, &rotations, &keys, &values, &kv_of_head,
+                          &token_slot, &token_position, &tokens, &n_heads, &n_kv, &n_slots, &seq_len, &head_dim,
+                          &n_threads))
+        return NULL;
+    PyObject *result = NULL;
+    float *scores = NULL;
+    int q_shape[] = {tokens, n_heads, head_dim, (int)sizeof(float)};
+    int qkv_shape[] = {tokens, n_heads + 2 * n_kv, head_dim, (int)sizeof(float)};
+    int rotation_shape[] = {seq_len, head_dim, (int)sizeof(float)};
+    size_t q_bytes = size_product(4, q_shape), qkv_bytes = size_product(4, qkv_shape);
+    if (check_attention(&keys, &values, &kv_of_head, &token_slot, &token_position, tokens, n_heads, n_kv, n_slots,
+                        seq_len, head_dim))
+        goto done;
+    if (head_dim % 2 || n_heads > INT_MAX / 4 - n_kv || !q_bytes || !qkv_bytes ||
+        check_length(&out, q_bytes, "out") || check_length(&qkv, qkv_bytes, "qkv") ||
+        check_length(&rotations, size_product(3, rotation_shape), "rotations")) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "head_dim must be even");
+        goto done;
+    }
+    int parts, stride;
+    if (!(scores = score_rows(n_threads, tokens * n_heads, seq_len, &parts, &stride))) goto done;
+    long row = (long)(n_heads + 2 * n_kv) * head_dim;
+    float *q = qkv.buf;
+    attend_t a = {out.buf, q, keys.buf, values.buf, kv_of_head.buf, token_slot.buf, token_position.buf,
+                  tokens, n_heads, n_kv, seq_len, head_dim, scores, stride, row};
+    const int32_t *positions = token_position.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (int t = 0; t < tokens; t++) /* q's and k's heads lie side by side */
+        numpy_rope_avx2(q + t * row, n_heads + n_kv, head_dim, (const float *)rotations.buf + (long)positions[t] * head_dim);
+    attend_with_cache(&a, keys.buf, values.buf, q + (long)n_heads * head_dim, q + (long)(n_heads + n_kv) * head_dim,
+                      row, parts);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    free(scores);
+    PyBuffer_Release(&out), PyBuffer_Release(&qkv), PyBuffer_Release(&rotations);
+    PyBuffer_Release(&keys), PyBuffer_Release(&values), PyBuffer_Release(&kv_of_head);
+    PyBuffer_Release(&token_slot), PyBuffer_Release(&token_position);
+    return result;
+}
+
+/* ---- the float32 op set's RMSNorm (numpy_ops.c) ---- */
+
+static PyObject *py_numpy_rmsnorm(PyObject *self, PyObject *args) {
+    (void)self;
+    int rows, dim;
+    float eps;
+    Py_buffer x = {0}, weight = {0}, out = {0};
+    if (!PyArg_ParseTuple(args, "y*y*w*iif", &x, &weight, &out, &rows, &dim, &eps)) return NULL;
+    PyObject *result = NULL;
+    size_t n = sizeof(float) * (size_t)rows * dim;
+    if (rows < 0 || dim < 1 || check_length(&x, n, "x") || check_length(&weight, sizeof(float) * dim, "weight") ||
+        check_length(&out, n, "out"))
+        goto done;
+    numpy_rmsnorm(out.buf, x.buf, weight.buf, rows, dim, eps); /* a few rows: not worth releasing the GIL */
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&x), PyBuffer_Release(&weight), PyBuffer_Release(&out);
     return result;
 }
 
@@ -486,6 +580,10 @@ static PyMethodDef methods[] = {
     {"attend", py_attend, METH_VARARGS,
      "attend(out, q, k, v, keys, values, kv_of_head, token_slot, token_position, tokens, n_heads, n_kv, n_slots, "
      "seq_len, head_dim, n_threads): k, v into the cache, then causal attention, AVX2"},
+    {"attend_qkv", py_attend_qkv, METH_VARARGS,
+     "attend_qkv(out, qkv, rotations, keys, values, kv_of_head, token_slot, token_position, tokens, n_heads, n_kv, "
+     "n_slots, seq_len, head_dim, n_threads): RoPE on q|k|v rows in place, then attend(), AVX2"},
+    {"numpy_rmsnorm", py_numpy_rmsnorm, METH_VARARGS, "numpy_rmsnorm(x, weight, out, rows, dim, eps): numpy's bits"},
     {"runq_rmsnorm", py_runq_rmsnorm, METH_VARARGS, "runq_rmsnorm(x, weight, out, rows, size, eps)"},
     {"runq_rope", py_runq_rope, METH_VARARGS, "runq_rope(vec, positions, tokens, n_heads, head_size, theta)"},
     {"runq_attention", py_runq_attention, METH_VARARGS,
