@@ -72,6 +72,19 @@ def test_attention_prefill_and_grouped_heads():
     np.testing.assert_allclose(got[0, 2], (att / att.sum()) @ values[1, :4], rtol=1e-5, atol=1e-6)
 
 
+def test_attention_split_over_threads_gives_the_same_bits():
+    """runq.c splits attention's heads over its threads; so does the C op set, each item alone."""
+    rng = np.random.default_rng(6)
+    q = rng.standard_normal((3, 6, 10)).astype(F32)
+    keys, values = (rng.standard_normal((3, 40, 10)).astype(F32) for _ in range(2))
+    kv_of_head, positions = np.array([0, 0, 1, 1, 2, 2]), np.array([0, 17, 39])
+    alone = on(C_BACKENDS[0], kernels.runq_attention, q, keys, values, kv_of_head, positions, n_threads=1)
+    np.testing.assert_array_equal(alone, on("numpy", kernels.runq_attention, q, keys, values, kv_of_head, positions))
+    for n_threads in (2, 3, 7, 64):
+        np.testing.assert_array_equal(on(C_BACKENDS[0], kernels.runq_attention, q, keys, values, kv_of_head,
+                                         positions, n_threads=n_threads), alone)
+
+
 @pytest.mark.parametrize("group_size", [4, 32, 64])
 def test_group_terms_summed_in_order_are_the_llama2c_product(group_size):
     rng = np.random.default_rng(group_size)

@@ -40,10 +40,12 @@ def runq_rope(vec: np.ndarray, positions, theta: float) -> np.ndarray:
     return vec
 
 
-def runq_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, kv_of_head, positions) -> np.ndarray:
+def runq_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, kv_of_head, positions,
+                   n_threads: int | None = None) -> np.ndarray:
     """q (T, H, D); keys, values (n_kv, S, D) one slot's cache; kv_of_head (H,) the kv head each
     query head reads; query t sees positions 0..positions[t]. Returns (T, H, D): runq.c's scores
-    (sequential dot / sqrtf(D)), softmax (max, expf, sequential sum) and sequential weighted sum."""
+    (sequential dot / sqrtf(D)), softmax (max, expf, sequential sum) and sequential weighted sum.
+    Heads split over n_threads (default threads()), as runq.c splits them: the same bits."""
     if q.ndim != 3 or keys.ndim != 3 or keys.shape[2] != q.shape[2]:
         raise ValueError(f"q {q.shape} and keys {keys.shape} must be (T, H, D) and (n_kv, S, D)")
     q, keys, values = _f32("q", q), _f32("keys", keys), _f32("values", values, keys.shape)
@@ -54,7 +56,8 @@ def runq_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, kv_of_he
     out = np.empty_like(q)
     if backend() == "numpy":
         return fallback.runq_attention(q, keys, values, kv_of_head, positions, out)
-    _native.runq_attention(out, q, keys, values, kv_of_head, positions, *q.shape, keys.shape[0], keys.shape[1])
+    _native.runq_attention(out, q, keys, values, kv_of_head, positions, *q.shape, keys.shape[0], keys.shape[1],
+                           threads() if n_threads is None else n_threads)
     return out
 
 

@@ -66,6 +66,8 @@ def split_qkv(qkv: np.ndarray, n_heads: int, n_kv: int, head_dim: int) -> tuple[
 
 def token_slots(sequences: Sequence) -> np.ndarray:
     """(T,) int32: the cache slot of each row's sequence."""
+    if len(sequences) == 1:  # decode's usual step: np.repeat's lists cost 7 us of every layer
+        return np.full(sequences[0].n_tokens, sequences[0].slot, dtype=np.int32)
     return np.repeat(np.array([s.slot for s in sequences], dtype=np.int32), [s.n_tokens for s in sequences])
 
 

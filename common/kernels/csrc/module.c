@@ -246,12 +246,25 @@ done:
     return result;
 }
 
+typedef struct {
+    float *out, *att; /* att: one row of `stride` floats per part */
+    const float *q, *keys, *values;
+    const int32_t *kv_of_head, *positions;
+    int tokens, n_heads, head_size, stride;
+} runq_attention_t;
+
+static void runq_attention_part(void *context, int index, int count) {
+    const runq_attention_t *a = context;
+    runq_attention(a->out, a->q, a->keys, a->values, a->att + (size_t)index * a->stride, a->tokens, a->n_heads,
+                   a->head_size, a->kv_of_head, a->stride, a->positions, index, count);
+}
+
 static PyObject *py_runq_attention(PyObject *self, PyObject *args) {
     (void)self;
-    int tokens, n_heads, head_size, n_kv, stride;
+    int tokens, n_heads, head_size, n_kv, stride, n_threads;
     Py_buffer out = {0}, q = {0}, keys = {0}, values = {0}, kv_of_head = {0}, positions = {0};
-    if (!PyArg_ParseTuple(args, "w*y*y*y*y*y*iiiii", &out, &q, &keys, &values, &kv_of_head, &positions, &tokens,
-                          &n_heads, &head_size, &n_kv, &stride))
+    if (!PyArg_ParseTuple(args, "w*y*y*y*y*y*iiiiii", &out, &q, &keys, &values, &kv_of_head, &positions, &tokens,
+                          &n_heads, &head_size, &n_kv, &stride, &n_threads))
         return NULL;
     PyObject *result = NULL;
     float *att = NULL;
@@ -271,14 +284,16 @@ static PyObject *py_runq_attention(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_ValueError, "position outside the cache");
             goto done;
         }
-    att = malloc(sizeof(float) * stride);
+    int parts = parts_for(n_threads, tokens * n_heads);
+    att = malloc(sizeof(float) * stride * (size_t)parts);
     if (!att) {
         PyErr_NoMemory();
         goto done;
     }
+    runq_attention_t a = {out.buf, att, q.buf, keys.buf, values.buf, kv_of_head.buf, positions.buf, tokens, n_heads,
+                          head_size, stride};
     Py_BEGIN_ALLOW_THREADS
-    runq_attention(out.buf, q.buf, keys.buf, values.buf, att, tokens, n_heads, head_size, kv_of_head.buf, stride,
-                   positions.buf);
+    pool_run(runq_attention_part, &a, parts);
     Py_END_ALLOW_THREADS
     result = Py_None;
     Py_INCREF(result);
@@ -587,7 +602,7 @@ static PyMethodDef methods[] = {
     {"runq_rmsnorm", py_runq_rmsnorm, METH_VARARGS, "runq_rmsnorm(x, weight, out, rows, size, eps)"},
     {"runq_rope", py_runq_rope, METH_VARARGS, "runq_rope(vec, positions, tokens, n_heads, head_size, theta)"},
     {"runq_attention", py_runq_attention, METH_VARARGS,
-     "runq_attention(out, q, keys, values, kv_of_head, positions, tokens, n_heads, head_size, n_kv, stride)"},
+     "runq_attention(out, q, keys, values, kv_of_head, positions, tokens, n_heads, head_size, n_kv, stride, n_threads)"},
     {"runq_swiglu", py_runq_swiglu, METH_VARARGS, "runq_swiglu(gate, up, n)"},
     {"runq_group_terms", py_runq_group_terms, METH_VARARGS,
      "runq_group_terms(terms, weights, wscales, x, rows, cols, tokens, group_size, first_group, total_groups, isa, "

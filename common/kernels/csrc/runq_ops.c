@@ -45,29 +45,30 @@ static void softmax(float *x, int size) {
 }
 
 void runq_attention(float *out, const float *q, const float *keys, const float *values, float *att, int tokens,
-                    int n_heads, int head_size, const int32_t *kv_of_head, int stride, const int32_t *positions) {
-    for (int t = 0; t < tokens; t++)
-        for (int h = 0; h < n_heads; h++) {
-            const float *qh = q + ((size_t)t * n_heads + h) * head_size;
-            const float *kh = keys + (size_t)kv_of_head[h] * stride * head_size;
-            const float *vh = values + (size_t)kv_of_head[h] * stride * head_size;
-            int seen = positions[t] + 1;
-            for (int p = 0; p < seen; p++) {
-                const float *k = kh + (size_t)p * head_size;
-                float score = 0.0f;
-                for (int i = 0; i < head_size; i++) score += qh[i] * k[i];
-                score /= sqrtf(head_size);
-                att[p] = score;
-            }
-            softmax(att, seen);
-            float *xb = out + ((size_t)t * n_heads + h) * head_size;
-            memset(xb, 0, head_size * sizeof(float));
-            for (int p = 0; p < seen; p++) {
-                const float *v = vh + (size_t)p * head_size;
-                float a = att[p];
-                for (int i = 0; i < head_size; i++) xb[i] += a * v[i];
-            }
+                    int n_heads, int head_size, const int32_t *kv_of_head, int stride, const int32_t *positions,
+                    int item_begin, int item_step) {
+    for (int item = item_begin; item < tokens * n_heads; item += item_step) {
+        int t = item / n_heads, h = item % n_heads;
+        const float *qh = q + ((size_t)t * n_heads + h) * head_size;
+        const float *kh = keys + (size_t)kv_of_head[h] * stride * head_size;
+        const float *vh = values + (size_t)kv_of_head[h] * stride * head_size;
+        int seen = positions[t] + 1;
+        for (int p = 0; p < seen; p++) {
+            const float *k = kh + (size_t)p * head_size;
+            float score = 0.0f;
+            for (int i = 0; i < head_size; i++) score += qh[i] * k[i];
+            score /= sqrtf(head_size);
+            att[p] = score;
         }
+        softmax(att, seen);
+        float *xb = out + ((size_t)t * n_heads + h) * head_size;
+        memset(xb, 0, head_size * sizeof(float));
+        for (int p = 0; p < seen; p++) {
+            const float *v = vh + (size_t)p * head_size;
+            float a = att[p];
+            for (int i = 0; i < head_size; i++) xb[i] += a * v[i];
+        }
+    }
 }
 
 void runq_swiglu(float *gate, const float *up, size_t n) {

@@ -15,10 +15,13 @@ void runq_rmsnorm(float *out, const float *x, const float *weight, int rows, int
 void runq_rope(float *vec, int tokens, int n_heads, int head_size, const int32_t *positions, float theta);
 
 /* out (tokens, n_heads, head_size): query head h of token t against keys/values
- * (n_kv, stride, head_size) of kv head kv_of_head[h], positions 0..positions[t].
+ * (n_kv, stride, head_size) of kv head kv_of_head[h], positions 0..positions[t], for the items
+ * (t * n_heads + h) item_begin, item_begin + item_step, ... (runq.c splits heads over its OpenMP
+ * threads; each item is computed alone, so any split gives the same bits).
  * att: scratch of positions[t] + 1 floats (the largest). */
 void runq_attention(float *out, const float *q, const float *keys, const float *values, float *att, int tokens,
-                    int n_heads, int head_size, const int32_t *kv_of_head, int stride, const int32_t *positions);
+                    int n_heads, int head_size, const int32_t *kv_of_head, int stride, const int32_t *positions,
+                    int item_begin, int item_step);
 
 /* gate[i] = gate[i] * (1 / (1 + expf(-gate[i]))) * up[i]. */
 void runq_swiglu(float *gate, const float *up, size_t n);
