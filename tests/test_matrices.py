@@ -109,8 +109,19 @@ def test_stacking_is_a_view_only_over_back_to_back_f32():
     stacked = stack_rows([top, bottom])
     assert isinstance(stacked, Matrix) and np.shares_memory(stacked, block)
     np.testing.assert_array_equal(stacked, block)
-    assert stack_rows([random_q8((2, 4)), random_q8((2, 4))]) is None
     assert stack_rows([top, random_q8((3, 4))]) is None
+
+
+def test_quantized_matrices_apart_stack_as_one_product_with_their_own_bits(backend):
+    """Version 2 matrices never lie back to back: their stack is a product (not a stored Matrix)
+    whose columns are each matrix's own product, on every backend, for decode and prefill sizes."""
+    parts = [random_q8((rows, 8)) for rows in (3, 1, 5)]
+    stacked = stack_rows(parts)
+    assert not isinstance(stacked, Matrix) and stacked.shape == (9, 8)
+    for tokens in (1, 2, 3, 7):
+        x = RNG.standard_normal((tokens, 8)).astype(np.float32)
+        np.testing.assert_array_equal(stacked.matmul(x), np.concatenate([p.matmul(x) for p in parts], axis=1))
+    assert stack_rows([random_q8((2, 8)), random_q8((2, 16))]) is None  # rows of another width
 
 
 # --- a new storage type is one registered class -----------------------------------------------

@@ -9,6 +9,7 @@ from llmtp.common import kernels
 from llmtp.common.model import ops
 from llmtp.common.model.gguf_blocks import Q4_0Matrix, Q4_1Matrix, Q8_0Matrix
 from llmtp.common.model.matrices import F32Matrix, F32RowStack
+from llmtp.common.model.q8_grouped import GroupedQ8Matrix
 from llmtp.common.model.transformer import StepSequence
 
 from test_attend import STEPS, step_of
@@ -151,15 +152,23 @@ def test_attend_qkv_bad_calls_raise_value_error(change):
         kernels.attend_qkv(qkv, 4, rotations, keys, values, kv_of_head, token_slots, positions)
 
 
-@pytest.mark.parametrize("kind", [Q8_0Matrix, Q4_0Matrix, Q4_1Matrix], ids=lambda k: k.type_tag)
-def test_a_block_matrixs_product_follows_the_backend(kind, backend):
+def functional_product(matrix, x):
+    """The product by the kernels' functions, which check every argument at every call."""
+    if isinstance(matrix, GroupedQ8Matrix):
+        return kernels.matmul_llama2c_q8(matrix.values, matrix.scales, matrix.group_size, x, n_threads=kernels.threads())
+    return kernels.matmul_gguf(matrix.fmt, matrix.blocks, x, n_threads=kernels.threads())
+
+
+@pytest.mark.parametrize("kind", [Q8_0Matrix, Q4_0Matrix, Q4_1Matrix, GroupedQ8Matrix], ids=lambda k: k.type_tag)
+def test_a_quantized_matrixs_product_follows_the_backend(kind, backend):
     """The product a matrix keeps after its first call still runs on whichever backend is chosen
     now, and equals the functional kernel's."""
     rng = np.random.default_rng(9)
-    matrix = kind.from_float(rng.standard_normal((37, 96)).astype(np.float32), {})
+    params = {"group_size": 32} if kind is GroupedQ8Matrix else {}
+    matrix = kind.from_float(rng.standard_normal((37, 96)).astype(np.float32), params)
     x = rng.standard_normal((3, 96)).astype(np.float32)
     kept = matrix.matmul(x)
-    np.testing.assert_array_equal(kept, kernels.matmul_gguf(kind.fmt, matrix.blocks, x, n_threads=kernels.threads()))
+    np.testing.assert_array_equal(kept, functional_product(matrix, x))
     expected = matrix.dequantize().astype(np.float64) @ x.astype(np.float64).T
     assert np.abs(kept - expected.T).max() <= 0.05 * np.abs(expected).max()
 
@@ -196,3 +205,27 @@ def test_products_reject_bad_weights_and_activations(change):
         kernels.F32Product(weights)(x)
     with pytest.raises(ValueError):
         kernels.BlockProduct("q5_0", np.zeros((2, 36), np.uint8))
+
+
+@pytest.mark.parametrize("kind", [Q8_0Matrix, Q4_0Matrix, Q4_1Matrix], ids=lambda k: k.type_tag)
+def test_gguf_matrices_apart_stack_as_one_product_with_their_own_bits(kind, backend):
+    """GGUF tensors with padding between them are not back to back: one stacked product still
+    gives each matrix's own bits, for decode sizes (the kernel) and prefill sizes (BLAS tiles)."""
+    from llmtp.common.model.gguf_blocks import PREFILL_TOKENS
+    from llmtp.common.model.matrices import QuantizedRowStack, stack_rows
+    rng = np.random.default_rng(12)
+    parts = [kind.from_float(rng.standard_normal((rows, 64)).astype(np.float32), {}) for rows in (5, 2, 9)]
+    stacked = stack_rows(parts)
+    assert isinstance(stacked, QuantizedRowStack) and stacked.shape == (16, 64)
+    for tokens in (1, 4, PREFILL_TOKENS + 1):
+        x = rng.standard_normal((tokens, 64)).astype(np.float32)
+        np.testing.assert_array_equal(stacked.matmul(x), np.concatenate([p.matmul(x) for p in parts], axis=1))
+
+
+def test_a_stack_refuses_products_of_different_storage():
+    rng = np.random.default_rng(13)
+    q8, q4 = (kind.from_float(rng.standard_normal((4, 32)).astype(np.float32), {}) for kind in (Q8_0Matrix, Q4_0Matrix))
+    with pytest.raises(ValueError):
+        kernels.QuantizedRowStack([q8.product, q4.product])
+    with pytest.raises(ValueError):
+        kernels.QuantizedRowStack([q8.product] * (kernels.QUANTIZED_MAX_STACK + 1))

@@ -140,6 +140,7 @@ def threads() -> int:
 
 F32_MAX_TOKENS = 8  # csrc/f32.h
 F32_MAX_STACK = 8  # csrc/module.c: matrices one matmul_f32 call stacks by rows
+QUANTIZED_MAX_STACK = 8  # csrc/module.c: quantized matrices one matmul_stack call stacks by rows
 
 
 def has_f32_kernel() -> bool:
@@ -204,23 +205,8 @@ def matmul_llama2c_q8(values: np.ndarray, scales: np.ndarray, group_size: int, x
     (T, rows) float32, computed as runq.c computes it: x quantized per group of group_size
     (scale max|x| / 127, x / scale rounded half away from zero), an int32 sum per group, then
     val += (float)ival * w_scale * x_scale in group order, rounded step by step in float32.
-    Every backend gives the same bits."""
-    if values.dtype != np.int8 or values.ndim != 2:
-        raise ValueError(f"values must be int8 (rows, cols), got {values.dtype} {values.shape}")
-    rows, cols = values.shape
-    if group_size < 1 or cols % group_size:
-        raise ValueError(f"group_size {group_size} does not divide cols {cols}")
-    scales = np.ascontiguousarray(scales, dtype=np.float32).reshape(-1)
-    if scales.size != rows * cols // group_size:
-        raise ValueError(f"scales hold {scales.size} values, expected {rows * cols // group_size}")
-    x = _activations(x, cols)
-    out = _output(out, x.shape[0], rows)
-    values = np.ascontiguousarray(values)
-    if _backend == "numpy":
-        return fallback.matmul_llama2c(values, scales, group_size, x, out)
-    _native.matmul(FORMAT_CODES["llama2c_q8"], _ISA[_backend], values, scales, group_size, rows, cols, x,
-                   x.shape[0], out, n_threads)
-    return out
+    Every backend gives the same bits. A matrix multiplied at every step keeps a GroupedQ8Product."""
+    return GroupedQ8Product(values, scales, group_size)(x, out, n_threads)
 
 
 def _f32(name: str, array: np.ndarray, shape: tuple | None = None) -> np.ndarray:
@@ -272,12 +258,12 @@ def dequantize_llama2c(values: np.ndarray, scales: np.ndarray, group_size: int,
     return out
 
 
-__all__ = ["F32Product", "BlockProduct", "matmul_f32", "attend", "attend_qkv", "rmsnorm", "has_numpy_steps", "has_f32_kernel", "F32_MAX_TOKENS", "threads", "THREADS", "dequantize_gguf", "dequantize_llama2c", "matmul_gguf", "matmul_q8_0", "matmul_q4_0", "matmul_q4_1", "matmul_llama2c_q8", "backend", "backend_info",
+__all__ = ["F32Product", "BlockProduct", "GroupedQ8Product", "QuantizedRowStack", "matmul_f32", "attend", "attend_qkv", "rmsnorm", "has_numpy_steps", "has_f32_kernel", "F32_MAX_TOKENS", "threads", "THREADS", "dequantize_gguf", "dequantize_llama2c", "matmul_gguf", "matmul_q8_0", "matmul_q4_0", "matmul_q4_1", "matmul_llama2c_q8", "backend", "backend_info",
            "use_backend", "available_backends", "default_threads", "row_bytes", "QK", "BLOCK_BYTES",
            "runq_rmsnorm", "runq_rope", "runq_attention", "runq_swiglu", "runq_group_terms", "runq_ordered_sum"]
 
 from .attention import attend, attend_qkv  # noqa: E402  (they call the helpers above)
 from .numpy_steps import has_numpy_steps, rmsnorm  # noqa: E402
-from .products import BlockProduct, F32Product  # noqa: E402
+from .products import BlockProduct, F32Product, GroupedQ8Product, QuantizedRowStack  # noqa: E402
 from .runq_steps import (runq_attention, runq_group_terms, runq_ordered_sum, runq_rmsnorm,  # noqa: E402
                          runq_rope, runq_swiglu)

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import (F32_MAX_STACK, F32_MAX_TOKENS, _ISA, _activations, _native, _output, backend, backend_info, fallback,
+from . import (F32_MAX_STACK, F32_MAX_TOKENS, QUANTIZED_MAX_STACK, _ISA, _activations, _native, _output, backend, backend_info, fallback,
                has_f32_kernel, threads)
 from .layout import BLOCK_BYTES, FORMAT_CODES, QK
 
@@ -44,11 +44,32 @@ class F32Product:
         return out
 
 
-class BlockProduct:
+class QuantizedProduct:
+    """What the quantized products share: one matrix's stored arrays, checked, and its call."""
+
+    __slots__ = ("format_code", "weights", "scales", "group_size", "rows", "cols")
+
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None, n_threads: int = 1) -> np.ndarray:
+        """x (T, cols) or (cols,) -> (T, rows) float32."""
+        x = _activations(x, self.cols)
+        out = _output(out, x.shape[0], self.rows)
+        isa = _ISA.get(backend())
+        if isa is None:  # the numpy backend
+            return self.fallback(x, out)
+        _native.matmul_stack(self.format_code, isa, self.group_size, self.cols, ((self.weights, self.scales),), x,
+                             x.shape[0], out, n_threads)
+        return out
+
+    def fallback(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """The numpy backend's product (where the C extension does not run)."""
+        raise NotImplementedError
+
+
+class BlockProduct(QuantizedProduct):
     """x -> x @ W.T on GGUF blocks: `fmt` one of "q8_0", "q4_0", "q4_1", blocks uint8
     (rows, cols / 32 * block bytes)."""
 
-    __slots__ = ("fmt", "blocks", "rows", "cols")
+    __slots__ = ("fmt",)
 
     def __init__(self, fmt: str, blocks: np.ndarray):
         if fmt not in BLOCK_BYTES:
@@ -57,8 +78,54 @@ class BlockProduct:
                 or blocks.shape[1] % BLOCK_BYTES[fmt]:
             raise ValueError(f"{fmt} blocks must be uint8 (rows, n_blocks * {BLOCK_BYTES[fmt]}), "
                              f"got {getattr(blocks, 'dtype', type(blocks).__name__)} {getattr(blocks, 'shape', '')}")
-        self.fmt, self.blocks = fmt, np.ascontiguousarray(blocks)
+        self.fmt, self.format_code, self.group_size = fmt, FORMAT_CODES[fmt], QK
+        self.weights, self.scales = np.ascontiguousarray(blocks), b""
         self.rows, self.cols = blocks.shape[0], blocks.shape[1] // BLOCK_BYTES[fmt] * QK
+
+    def fallback(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        return fallback.matmul_gguf(self.fmt, self.weights, x, out)
+
+
+class GroupedQ8Product(QuantizedProduct):
+    """x -> x @ W.T as runq.c computes it (matmul_llama2c_q8): llama2.c version 2 int8 values
+    (rows, cols) and their float32 scales, one per group of group_size columns."""
+
+    __slots__ = ()
+
+    def __init__(self, values: np.ndarray, scales: np.ndarray, group_size: int):
+        if not isinstance(values, np.ndarray) or values.dtype != np.int8 or values.ndim != 2:
+            raise ValueError(f"values must be int8 (rows, cols), got {getattr(values, 'dtype', type(values).__name__)} "
+                             f"{getattr(values, 'shape', '')}")
+        rows, cols = values.shape
+        if group_size < 1 or cols % group_size:
+            raise ValueError(f"group_size {group_size} does not divide cols {cols}")
+        scales = np.ascontiguousarray(scales, dtype=np.float32).reshape(-1)
+        if scales.size != rows * cols // group_size:
+            raise ValueError(f"scales hold {scales.size} values, expected {rows * cols // group_size}")
+        self.format_code, self.weights, self.scales = FORMAT_CODES["llama2c_q8"], np.ascontiguousarray(values), scales
+        self.group_size, self.rows, self.cols = group_size, rows, cols
+
+    def fallback(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        return fallback.matmul_llama2c(self.weights, self.scales, self.group_size, x, out)
+
+
+class QuantizedRowStack:
+    """Quantized products of one storage (format, group size) and cols multiplied as one stacked
+    by rows, their outputs side by side: the activations quantized once and one pool dispatch for
+    a layer's q|k|v or w1|w3 where their storage does not lie back to back (a llama2.c version 2
+    file stores every layer's wq, then every wk, ...). Each output has the bits of its own product."""
+
+    __slots__ = ("products", "parts", "rows", "cols")
+
+    def __init__(self, products: Sequence[QuantizedProduct]):
+        products = tuple(products)
+        first = products[0]
+        if not 1 <= len(products) <= QUANTIZED_MAX_STACK or any(
+                (p.format_code, p.group_size, p.cols) != (first.format_code, first.group_size, first.cols)
+                for p in products):
+            raise ValueError(f"a stack holds 1..{QUANTIZED_MAX_STACK} products of one storage and cols")
+        self.products, self.parts = products, tuple((p.weights, p.scales) for p in products)
+        self.rows, self.cols = sum(p.rows for p in products), first.cols
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None, n_threads: int = 1) -> np.ndarray:
         """x (T, cols) or (cols,) -> (T, rows) float32."""
@@ -66,7 +133,13 @@ class BlockProduct:
         out = _output(out, x.shape[0], self.rows)
         isa = _ISA.get(backend())
         if isa is None:  # the numpy backend
-            return fallback.matmul_gguf(self.fmt, self.blocks, x, out)
-        _native.matmul(FORMAT_CODES[self.fmt], isa, self.blocks, b"", QK, self.rows, self.cols, x, x.shape[0], out,
-                       n_threads)
+            column = 0
+            for product in self.products:
+                out[:, column:column + product.rows] = product.fallback(x, np.empty((x.shape[0], product.rows),
+                                                                                    dtype=np.float32))
+                column += product.rows
+            return out
+        first = self.products[0]
+        _native.matmul_stack(first.format_code, isa, first.group_size, self.cols, self.parts, x, x.shape[0], out,
+                             n_threads)
         return out

@@ -23,7 +23,7 @@ import numpy as np
 import llmtp.common.kernels as kernels
 from llmtp.common.kernels.layout import BLOCK_BYTES, QK
 
-from .matrices import Encoding, Matrix, Part, register_matrix_type, stacked_view
+from .matrices import Encoding, Matrix, Part, QuantizedRowStack, register_matrix_type, stacked_view
 
 # Above this many tokens (prefill) a product expands TILE_VALUES weights at a time into a
 # per-thread buffer and lets BLAS multiply the tile: the integer kernel recomputes every block
@@ -113,8 +113,12 @@ class GgufBlockMatrix(Matrix):
     def block_name(self, axis: int) -> str:
         return f"{self.type_tag} blocks of {QK} columns" if axis == 1 else super().block_name(axis)
 
+    def kernel_takes(self, x: np.ndarray) -> bool:
+        """Whether the block kernel multiplies x (more tokens go to BLAS a tile at a time)."""
+        return not (x.ndim == 2 and x.shape[0] > PREFILL_TOKENS)
+
     def matmul(self, x: np.ndarray) -> np.ndarray:
-        if x.ndim == 2 and x.shape[0] > PREFILL_TOKENS:
+        if not self.kernel_takes(x):
             return self._matmul_by_tiles(np.asarray(x, dtype=np.float32))
         return self.product(x, n_threads=kernels.threads())
 
@@ -180,9 +184,13 @@ class GgufBlockMatrix(Matrix):
         return cls(encode_blocks(cls.fmt, weights.reshape(-1, QK)).reshape(rows, -1), cols)
 
     @classmethod
-    def stacked(cls, matrices) -> "GgufBlockMatrix | None":
+    def stacked(cls, matrices) -> "GgufBlockMatrix | QuantizedRowStack | None":
         view = stacked_view([m.blocks for m in matrices])
-        return None if view is None else cls(view, matrices[0].cols)
+        if view is not None:
+            return cls(view, matrices[0].cols)
+        if len({m.cols for m in matrices}) == 1 and len(matrices) <= kernels.QUANTIZED_MAX_STACK:
+            return QuantizedRowStack(tuple(matrices))
+        return None
 
 
 @register_matrix_type

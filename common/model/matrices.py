@@ -336,5 +336,28 @@ class F32RowStack:
         return np.concatenate([x @ part.T for part in self.parts], axis=1)
 
 
+@dataclass(frozen=True)
+class QuantizedRowStack:
+    """Quantized matrices of one type multiplied as one stacked by rows where their storage does
+    not lie back to back: x quantized once and one kernel call for a layer's q|k|v or w1|w3
+    instead of one per matrix (each output the bits of its own product). A product only; nothing
+    stores it."""
+
+    matrices: tuple[Matrix, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return sum(m.shape[0] for m in self.matrices), self.matrices[0].shape[1]
+
+    @cached_property
+    def product(self) -> kernels.QuantizedRowStack:
+        return kernels.QuantizedRowStack([m.product for m in self.matrices])
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        if self.matrices[0].kernel_takes(x):
+            return self.product(x, n_threads=kernels.threads())
+        return np.concatenate([m.matmul(x) for m in self.matrices], axis=1)
+
+
 # Every storage type registers itself on import; these ship with llmtp.
 from . import gguf_blocks, q8_grouped  # noqa: E402,F401  (they import Matrix from here, so they come last)

@@ -1,6 +1,7 @@
 """llama2.c's grouped Q8_0 (version 2 files) as a Matrix type (see common/model/matrices.py)."""
 
 from dataclasses import dataclass
+from functools import cached_property
 from math import prod
 from typing import ClassVar
 
@@ -8,7 +9,7 @@ import numpy as np
 
 import llmtp.common.kernels as kernels
 
-from .matrices import Encoding, Matrix, Part, Q_MAX, register_matrix_type
+from .matrices import Encoding, Matrix, Part, Q_MAX, QuantizedRowStack, register_matrix_type
 
 
 @register_matrix_type
@@ -50,8 +51,23 @@ class GroupedQ8Matrix(Matrix):
         """runq.c's product on the int8 values (kernels.matmul_llama2c_q8): x quantized per
         group, int32 group sums, runq.c's float order, so a v2 file's greedy text is runq.c's.
         Every token of a batch (prefill) is computed as it would be alone; nothing expands."""
-        return kernels.matmul_llama2c_q8(self.values, self.scales, self.group_size, x,
-                                         n_threads=kernels.threads())
+        return self.product(x, n_threads=kernels.threads())
+
+    @cached_property
+    def product(self) -> kernels.GroupedQ8Product:
+        return kernels.GroupedQ8Product(self.values, self.scales, self.group_size)
+
+    def kernel_takes(self, x: np.ndarray) -> bool:
+        """Whether the kernel multiplies x: always (prefill runs in its register tiles)."""
+        return True
+
+    @classmethod
+    def stacked(cls, matrices) -> "QuantizedRowStack | None":
+        """A version 2 file stores every layer's wq, then every wk, ...: never back to back, so
+        one product over them (runq.c's bits for each) instead of one each."""
+        if len({(m.group_size, m.shape[1]) for m in matrices}) == 1 and len(matrices) <= kernels.QUANTIZED_MAX_STACK:
+            return QuantizedRowStack(tuple(matrices))
+        return None
 
     def group_terms(self, x: np.ndarray, first_col: int, total_cols: int) -> np.ndarray:
         """The terms runq.c's matmul adds for these columns, one per group, placed among

@@ -417,9 +417,10 @@ void product_rows(const product_t *p, int row_begin, int row_end) {
         return;
     }
     /* rows outer, tokens inner: a weight row is read from memory once for all T tokens */
+    size_t stride = product_out_stride(p);
     for (int r = row_begin; r < row_end; r++)
         for (int t = 0; t < p->tokens; t++)
-            p->out[(size_t)t * p->rows + r] = row_product(p, r, t);
+            p->out[(size_t)t * stride + r] = row_product(p, r, t);
 }
 
 /* ---- expansion (prefill tiles) ---- */

@@ -21,7 +21,11 @@ typedef struct {
     const float *xsum;       /* (tokens, cols / QK): scale * sum(q), for Q4_1 */
     float *out;              /* (tokens, rows) */
     const int32_t *xoffset;  /* (tokens, cols / QK) when block_offset_bias() > 0, see quantize_activations */
+    size_t out_stride;       /* floats between tokens' outputs; 0: rows (several products stacked by rows
+                              * write their outputs side by side, see module.c's matmul_stack) */
 } product_t;
+
+static inline size_t product_out_stride(const product_t *p) { return p->out_stride ? p->out_stride : (size_t)p->rows; }
 
 int cpu_has_avx2(void);
 int cpu_has_vnni(void); /* AVX2's set, AVX-512 VL and VNNI, and the OS saving AVX-512 state */

@@ -49,9 +49,10 @@ typedef struct {
     const int8_t *xq;       /* (tokens, cols) */
     const float *xs;        /* (tokens, groups) */
     const int32_t *xoffset;
-    float *out;             /* out of the block's first row, token 0; tokens `rows` apart */
+    float *out;             /* out of the block's first row, token 0; tokens `out_stride` apart */
     float *terms;           /* or the block's first row's first term, token 0 (then out is unused) */
     int rows, cols, groups, steps_per_group, rows_here, total_groups;
+    size_t out_stride;
 } block_t;
 
 int llama2c_tiles_apply(const product_t *p) {
@@ -151,7 +152,7 @@ VNNI INLINE void tokens_vnni(const block_t *b, int t0, const int nt, const int k
     if (keep_terms) return;
 #pragma GCC unroll 8
     for (int t = 0; t < nt; t++) {
-        float *out = b->out + (size_t)(t0 + t) * b->rows;
+        float *out = b->out + (size_t)(t0 + t) * b->out_stride;
         _mm512_mask_storeu_ps(out, first, val[t][0]);
         _mm512_mask_storeu_ps(out + 16, second, val[t][1]);
     }
@@ -226,7 +227,7 @@ AVX2 INLINE void tokens_avx2(const block_t *b, int half, int t0, const int nt, c
     }
     if (keep_terms) return;
     for (int t = 0; t < nt; t++)
-        memcpy(b->out + (size_t)(t0 + t) * b->rows + 16 * half, val[t], sizeof(float) * here);
+        memcpy(b->out + (size_t)(t0 + t) * b->out_stride + 16 * half, val[t], sizeof(float) * here);
 }
 
 AVX2 INLINE void passes_avx2(const block_t *b, int tokens, const int keep_terms) {
@@ -259,7 +260,7 @@ static void tiles_part(void *context, int index, int count) {
         pack_block(p, row, here, w, ws);
         block_t b = {w, ws, p->xq, p->xscale, tiles->xoffset, p->out ? p->out + row : NULL,
                      tiles->terms ? tiles->terms + (size_t)row * tiles->total_groups : NULL, p->rows, p->cols,
-                     groups, p->group_size / 4, here, tiles->total_groups};
+                     groups, p->group_size / 4, here, tiles->total_groups, product_out_stride(p)};
         if (p->isa == ISA_VNNI)
             block_vnni(&b, p->tokens);
         else

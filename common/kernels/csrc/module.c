@@ -1,4 +1,4 @@
-/* CPython binding: _native.matmul(...), attend(...), _native.cpu_has_avx2() and cpu_has_vnni().
+/* CPython binding: _native.matmul_stack(...), matmul_f32(...), attend(...), _native.cpu_has_avx2() and cpu_has_vnni().
  *
  * Buffers arrive through the buffer protocol (numpy arrays from kernels/__init__.py, which
  * checks dtypes and shapes); their lengths are checked again here, so a wrong call raises
@@ -17,12 +17,6 @@
 #include "pool.h"
 #include "runq_ops.h"
 
-/* Rows split evenly over the pool's threads; part i of n computes its share of the rows. */
-static void quantized_part(void *context, int index, int count) {
-    const product_t *p = context;
-    product_rows(p, (int)((long)p->rows * index / count), (int)((long)p->rows * (index + 1) / count));
-}
-
 static int parts_for(int n_threads, int rows) {
     if (n_threads > rows) n_threads = rows;
     if (n_threads > POOL_MAX_THREADS) n_threads = POOL_MAX_THREADS;
@@ -37,61 +31,122 @@ static int check_length(const Py_buffer *buffer, size_t expected, const char *na
     return 0;
 }
 
-static PyObject *matmul(PyObject *self, PyObject *args) {
-    (void)self;
-    int format, isa, group_size, rows, cols, tokens, n_threads;
-    Py_buffer weights = {0}, wscales = {0}, x = {0}, out = {0};
-    if (!PyArg_ParseTuple(args, "iiy*y*iiiy*iw*i", &format, &isa, &weights, &wscales, &group_size, &rows, &cols,
-                          &x, &tokens, &out, &n_threads))
-        return NULL;
-    PyObject *result = NULL;
-    int8_t *xq = NULL;
-    float *xscale = NULL, *xsum = NULL;
-    int32_t *xoffset = NULL;
-    product_t p = {format, isa, weights.buf, wscales.buf, 0, rows, cols, tokens, group_size, NULL, NULL, NULL, out.buf,
-                   NULL};
-    int group = format == FMT_LLAMA2C_Q8 ? group_size : QK;
-    if (format < FMT_Q8_0 || format > FMT_LLAMA2C_Q8 || rows < 1 || cols < 1 || tokens < 1 || group < 1 ||
-        cols % group || isa < ISA_PORTABLE || isa > ISA_VNNI || (isa == ISA_AVX2 && !cpu_has_avx2()) ||
-        (isa == ISA_VNNI && !cpu_has_vnni())) {
-        PyErr_SetString(PyExc_ValueError, "bad format, isa or shape");
-        goto done;
+/* Quantized matrices of one format and cols multiplied as one stacked by rows (a layer's q|k|v or
+ * w1|w3 where their storage does not lie back to back; one matrix is a stack of one): x quantized
+ * once, one pool dispatch over the stacked rows, each matrix's outputs in its columns of out. */
+enum { QUANTIZED_MAX_STACK = 8 };
+
+typedef struct {
+    product_t parts[QUANTIZED_MAX_STACK];
+    int first_row[QUANTIZED_MAX_STACK + 1]; /* each part's first row in the stack, then the total */
+    int count;
+} quantized_stack_t;
+
+static void quantized_stack_part(void *context, int index, int count) {
+    const quantized_stack_t *s = context;
+    long total = s->first_row[s->count];
+    int begin = (int)(total * index / count), end = (int)(total * (index + 1) / count);
+    for (int m = 0; m < s->count; m++) {
+        int lo = begin > s->first_row[m] ? begin : s->first_row[m];
+        int hi = end < s->first_row[m + 1] ? end : s->first_row[m + 1];
+        if (lo < hi) product_rows(&s->parts[m], lo - s->first_row[m], hi - s->first_row[m]);
     }
-    p.row_bytes = format == FMT_LLAMA2C_Q8 ? (size_t)cols : (size_t)(cols / QK) * block_bytes(format);
-    if (check_length(&weights, p.row_bytes * rows, "weights") ||
-        (format == FMT_LLAMA2C_Q8 && check_length(&wscales, sizeof(float) * rows * (size_t)(cols / group), "scales")) ||
-        check_length(&x, sizeof(float) * (size_t)tokens * cols, "x") ||
-        check_length(&out, sizeof(float) * (size_t)tokens * rows, "out"))
-        goto done;
+}
+
+/* The products of s's parts (filled but for the activations) into their columns of out; -1 (and
+ * a Python error) when memory runs out. Called with the GIL held; releases it for the rows. */
+static int run_quantized_stack(quantized_stack_t *s, const float *x, int n_threads) {
+    const product_t *first = &s->parts[0];
+    int tokens = first->tokens, cols = first->cols, total = s->first_row[s->count];
+    int group = first->format == FMT_LLAMA2C_Q8 ? first->group_size : QK;
     size_t groups = (size_t)tokens * (cols / group);
-    xq = malloc((size_t)tokens * cols);
-    xscale = malloc(sizeof(float) * groups);
-    xsum = malloc(sizeof(float) * groups);
-    int offsets = block_offset_bias(&p) > 0;
-    if (offsets) xoffset = malloc(sizeof(int32_t) * (size_t)tokens * (cols / QK));
+    int8_t *xq = malloc((size_t)tokens * cols);
+    float *xscale = malloc(sizeof(float) * groups), *xsum = malloc(sizeof(float) * groups);
+    int offsets = block_offset_bias(first) > 0, failed = 0;
+    int32_t *xoffset = offsets ? malloc(sizeof(int32_t) * (size_t)tokens * (cols / QK)) : NULL;
     if (!xq || !xscale || !xsum || (offsets && !xoffset)) {
+        free(xq), free(xscale), free(xsum), free(xoffset);
         PyErr_NoMemory();
-        goto done;
+        return -1;
     }
-    p.xq = xq, p.xscale = xscale, p.xsum = xsum, p.xoffset = xoffset;
-    int failed = 0;
+    for (int m = 0; m < s->count; m++)
+        s->parts[m].xq = xq, s->parts[m].xscale = xscale, s->parts[m].xsum = xsum, s->parts[m].xoffset = xoffset;
     Py_BEGIN_ALLOW_THREADS
-    if (llama2c_tiles_apply(&p)) {
-        failed = llama2c_tiles_product(&p, x.buf, xq, xscale, parts_for(n_threads, rows));
+    if (llama2c_tiles_apply(first)) { /* 3+ tokens of a v2 file: each matrix in its own tiles */
+        for (int m = 0; m < s->count && !failed; m++)
+            failed = llama2c_tiles_product(&s->parts[m], x, xq, xscale, parts_for(n_threads, s->parts[m].rows));
     } else {
-        quantize_activations(&p, x.buf, xq, xscale, xsum, xoffset);
-        pool_run(quantized_part, &p, parts_for(n_threads, rows));
+        quantize_activations(first, x, xq, xscale, xsum, xoffset);
+        pool_run(quantized_stack_part, s, parts_for(n_threads, total));
     }
     Py_END_ALLOW_THREADS
-    if (failed) {
-        PyErr_NoMemory();
+    free(xq), free(xscale), free(xsum), free(xoffset);
+    if (failed) PyErr_NoMemory();
+    return failed ? -1 : 0;
+}
+
+/* matmul_stack(format, isa, group_size, cols, ((weights, wscales), ...), x, tokens, out, n_threads) */
+static PyObject *matmul_stack(PyObject *self, PyObject *args) {
+    (void)self;
+    int format, isa, group_size, cols, tokens, n_threads, held = 0;
+    PyObject *stack;
+    Py_buffer weights[QUANTIZED_MAX_STACK], wscales[QUANTIZED_MAX_STACK], x = {0}, out = {0};
+    if (!PyArg_ParseTuple(args, "iiiiO!y*iw*i", &format, &isa, &group_size, &cols, &PyTuple_Type, &stack, &x, &tokens,
+                          &out, &n_threads))
+        return NULL;
+    PyObject *result = NULL;
+    quantized_stack_t s;
+    s.count = (int)PyTuple_GET_SIZE(stack);
+    s.first_row[0] = 0;
+    int group = format == FMT_LLAMA2C_Q8 ? group_size : QK;
+    if (format < FMT_Q8_0 || format > FMT_LLAMA2C_Q8 || s.count < 1 || s.count > QUANTIZED_MAX_STACK || cols < 1 ||
+        tokens < 1 || group < 1 || cols % group || isa < ISA_PORTABLE || isa > ISA_VNNI ||
+        (isa == ISA_AVX2 && !cpu_has_avx2()) || (isa == ISA_VNNI && !cpu_has_vnni())) {
+        PyErr_SetString(PyExc_ValueError, "bad format, isa, stack or shape");
         goto done;
     }
-    result = Py_None;
-    Py_INCREF(result);
+    size_t row_bytes = format == FMT_LLAMA2C_Q8 ? (size_t)cols : (size_t)(cols / QK) * block_bytes(format);
+    for (; held < s.count; held++) {
+        PyObject *pair = PyTuple_GET_ITEM(stack, held);
+        wscales[held].buf = NULL;
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            PyErr_SetString(PyExc_ValueError, "each stacked matrix is a (weights, scales) pair");
+            goto done;
+        }
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(pair, 0), &weights[held], PyBUF_SIMPLE) < 0) goto done;
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(pair, 1), &wscales[held], PyBUF_SIMPLE) < 0) {
+            PyBuffer_Release(&weights[held]);
+            goto done;
+        }
+        Py_ssize_t rows = weights[held].len / (Py_ssize_t)row_bytes;
+        if (rows < 1 || (size_t)weights[held].len % row_bytes || rows > INT_MAX - s.first_row[held] ||
+            (format == FMT_LLAMA2C_Q8 && check_length(&wscales[held], sizeof(float) * rows * (size_t)(cols / group),
+                                                      "scales"))) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_ValueError, "weights %d hold %zd bytes, not whole rows of %zu", held,
+                             weights[held].len, row_bytes);
+            held++;
+            goto done;
+        }
+        s.first_row[held + 1] = s.first_row[held] + (int)rows;
+    }
+    int total = s.first_row[s.count];
+    if (check_length(&x, sizeof(float) * (size_t)tokens * cols, "x") ||
+        check_length(&out, sizeof(float) * (size_t)tokens * total, "out"))
+        goto done;
+    for (int m = 0; m < s.count; m++) {
+        product_t p = {format, isa, weights[m].buf, wscales[m].buf, row_bytes, s.first_row[m + 1] - s.first_row[m],
+                       cols, tokens, group_size, NULL, NULL, NULL, (float *)out.buf + s.first_row[m], NULL,
+                       (size_t)total};
+        s.parts[m] = p;
+    }
+    if (run_quantized_stack(&s, x.buf, n_threads) == 0) {
+        result = Py_None;
+        Py_INCREF(result);
+    }
 done:
-    free(xq), free(xscale), free(xsum), free(xoffset);
-    PyBuffer_Release(&weights), PyBuffer_Release(&wscales), PyBuffer_Release(&x), PyBuffer_Release(&out);
+    for (int m = 0; m < held; m++) PyBuffer_Release(&weights[m]), PyBuffer_Release(&wscales[m]);
+    PyBuffer_Release(&x), PyBuffer_Release(&out);
     return result;
 }
 
@@ -585,8 +640,9 @@ done:
 }
 
 static PyMethodDef methods[] = {
-    {"matmul", matmul, METH_VARARGS,
-     "matmul(format, isa, weights, wscales, group_size, rows, cols, x, tokens, out, n_threads)"},
+    {"matmul_stack", matmul_stack, METH_VARARGS,
+     "matmul_stack(format, isa, group_size, cols, ((weights, wscales), ...), x, tokens, out, n_threads): quantized "
+     "matrices stacked by rows (one: a plain product)"},
     {"matmul_f32", matmul_f32, METH_VARARGS,
      "matmul_f32((weights, ...), cols, x, tokens, out, n_threads, isa): float32 matrices stacked by rows, at most 8 tokens, "
      "AVX2 (isa 1), 3+ tokens in AVX-512 registers (isa 2)"},
