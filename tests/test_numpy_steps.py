@@ -229,3 +229,25 @@ def test_a_stack_refuses_products_of_different_storage():
         kernels.QuantizedRowStack([q8.product, q4.product])
     with pytest.raises(ValueError):
         kernels.QuantizedRowStack([q8.product] * (kernels.QUANTIZED_MAX_STACK + 1))
+
+
+@needs_steps
+@pytest.mark.parametrize("change", ["short scales", "part rows", "not a pair", "out size", "nine matrices"])
+def test_the_c_stack_checks_its_buffers_again(change):
+    """The extension checks every length itself: a wrong call raises ValueError, never reads past a buffer."""
+    from llmtp.common.kernels import _native
+    from llmtp.common.kernels.layout import FORMAT_CODES
+    values, scales = np.zeros((4, 32), np.int8), np.ones(4, np.float32)
+    parts, x, out = ((values, scales),), np.zeros((1, 32), np.float32), np.zeros((1, 4), np.float32)
+    if change == "short scales":
+        parts = ((values, scales[:3]),)
+    elif change == "part rows":
+        parts = ((values.reshape(-1)[:100], scales),)
+    elif change == "not a pair":
+        parts = ((values,),)
+    elif change == "out size":
+        out = np.zeros((1, 5), np.float32)
+    else:
+        parts = ((values, scales),) * 9
+    with pytest.raises(ValueError):
+        _native.matmul_stack(FORMAT_CODES["llama2c_q8"], 0, 32, 32, parts, x, 1, out, 1)

@@ -42,15 +42,40 @@ typedef struct {
     int count;
 } quantized_stack_t;
 
+/* Part `index` of `count` of a stack's rows (split evenly over the stacked rows), matrix by matrix:
+ * rows(parts, m, lo, hi) for each matrix m with rows lo..hi of its own in the part. */
+typedef void (*stack_rows_fn)(const void *parts, int m, int lo, int hi);
+
+static void stack_part(const int *first_row, int n_matrices, int index, int count, stack_rows_fn rows,
+                       const void *parts) {
+    long total = first_row[n_matrices];
+    int begin = (int)(total * index / count), end = (int)(total * (index + 1) / count);
+    for (int m = 0; m < n_matrices; m++) {
+        int lo = begin > first_row[m] ? begin : first_row[m];
+        int hi = end < first_row[m + 1] ? end : first_row[m + 1];
+        if (lo < hi) rows(parts, m, lo - first_row[m], hi - first_row[m]);
+    }
+}
+
+/* first_row[m + 1] from matrix m's buffer, whole rows of row_bytes; -1 with a ValueError otherwise. */
+static int stack_rows_of(int *first_row, int m, const Py_buffer *weights, size_t row_bytes) {
+    Py_ssize_t rows = weights->len / (Py_ssize_t)row_bytes;
+    if (rows < 1 || (size_t)weights->len % row_bytes || rows > INT_MAX - first_row[m]) {
+        PyErr_Format(PyExc_ValueError, "weights %d hold %zd bytes, not whole rows of %zu bytes", m, weights->len,
+                     row_bytes);
+        return -1;
+    }
+    first_row[m + 1] = first_row[m] + (int)rows;
+    return 0;
+}
+
+static void quantized_rows(const void *parts, int m, int lo, int hi) {
+    product_rows((const product_t *)parts + m, lo, hi);
+}
+
 static void quantized_stack_part(void *context, int index, int count) {
     const quantized_stack_t *s = context;
-    long total = s->first_row[s->count];
-    int begin = (int)(total * index / count), end = (int)(total * (index + 1) / count);
-    for (int m = 0; m < s->count; m++) {
-        int lo = begin > s->first_row[m] ? begin : s->first_row[m];
-        int hi = end < s->first_row[m + 1] ? end : s->first_row[m + 1];
-        if (lo < hi) product_rows(&s->parts[m], lo - s->first_row[m], hi - s->first_row[m]);
-    }
+    stack_part(s->first_row, s->count, index, count, quantized_rows, s->parts);
 }
 
 /* The products of s's parts (filled but for the activations) into their columns of out; -1 (and
@@ -106,7 +131,7 @@ static PyObject *matmul_stack(PyObject *self, PyObject *args) {
         goto done;
     }
     size_t row_bytes = format == FMT_LLAMA2C_Q8 ? (size_t)cols : (size_t)(cols / QK) * block_bytes(format);
-    for (; held < s.count; held++) {
+    while (held < s.count) { /* held: buffers to release */
         PyObject *pair = PyTuple_GET_ITEM(stack, held);
         wscales[held].buf = NULL;
         if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
@@ -118,17 +143,12 @@ static PyObject *matmul_stack(PyObject *self, PyObject *args) {
             PyBuffer_Release(&weights[held]);
             goto done;
         }
-        Py_ssize_t rows = weights[held].len / (Py_ssize_t)row_bytes;
-        if (rows < 1 || (size_t)weights[held].len % row_bytes || rows > INT_MAX - s.first_row[held] ||
-            (format == FMT_LLAMA2C_Q8 && check_length(&wscales[held], sizeof(float) * rows * (size_t)(cols / group),
-                                                      "scales"))) {
-            if (!PyErr_Occurred())
-                PyErr_Format(PyExc_ValueError, "weights %d hold %zd bytes, not whole rows of %zu", held,
-                             weights[held].len, row_bytes);
-            held++;
+        held++;
+        if (stack_rows_of(s.first_row, held - 1, &weights[held - 1], row_bytes) ||
+            (format == FMT_LLAMA2C_Q8 &&
+             check_length(&wscales[held - 1], sizeof(float) * (size_t)(s.first_row[held] - s.first_row[held - 1]) *
+                                                  (size_t)(cols / group), "scales")))
             goto done;
-        }
-        s.first_row[held + 1] = s.first_row[held] + (int)rows;
     }
     int total = s.first_row[s.count];
     if (check_length(&x, sizeof(float) * (size_t)tokens * cols, "x") ||
@@ -160,15 +180,13 @@ typedef struct {
     int count;
 } f32_stack_t;
 
+static void f32_rows(const void *parts, int m, int lo, int hi) {
+    f32_rows_avx2((const f32_product_t *)parts + m, lo, hi);
+}
+
 static void f32_stack_part(void *context, int index, int count) {
     const f32_stack_t *s = context;
-    long total = s->first_row[s->count];
-    int begin = (int)(total * index / count), end = (int)(total * (index + 1) / count);
-    for (int m = 0; m < s->count; m++) {
-        int lo = begin > s->first_row[m] ? begin : s->first_row[m];
-        int hi = end < s->first_row[m + 1] ? end : s->first_row[m + 1];
-        if (lo < hi) f32_rows_avx2(&s->parts[m], lo - s->first_row[m], hi - s->first_row[m]);
-    }
+    stack_part(s->first_row, s->count, index, count, f32_rows, s->parts);
 }
 
 static PyObject *matmul_f32(PyObject *self, PyObject *args) {
@@ -187,16 +205,10 @@ static PyObject *matmul_f32(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "bad shape or stack, or no AVX2 here");
         goto done;
     }
-    for (; held < s.count; held++) {
+    while (held < s.count) { /* held: buffers to release */
         if (PyObject_GetBuffer(PyTuple_GET_ITEM(stack, held), &weights[held], PyBUF_SIMPLE) < 0) goto done;
-        Py_ssize_t row_bytes = (Py_ssize_t)sizeof(float) * cols, rows = weights[held].len / row_bytes;
-        if (rows < 1 || weights[held].len % row_bytes || rows > INT_MAX - s.first_row[held]) {
-            PyErr_Format(PyExc_ValueError, "weights %d hold %zd bytes, not whole rows of %d floats", held,
-                         weights[held].len, cols);
-            held++;
-            goto done;
-        }
-        s.first_row[held + 1] = s.first_row[held] + (int)rows;
+        held++;
+        if (stack_rows_of(s.first_row, held - 1, &weights[held - 1], sizeof(float) * (size_t)cols)) goto done;
     }
     int total = s.first_row[s.count];
     if (check_length(&x, sizeof(float) * (size_t)tokens * cols, "x") ||
