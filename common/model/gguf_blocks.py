@@ -186,11 +186,7 @@ class GgufBlockMatrix(Matrix):
     @classmethod
     def stacked(cls, matrices) -> "GgufBlockMatrix | QuantizedRowStack | None":
         view = stacked_view([m.blocks for m in matrices])
-        if view is not None:
-            return cls(view, matrices[0].cols)
-        if len({m.cols for m in matrices}) == 1 and len(matrices) <= kernels.QUANTIZED_MAX_STACK:
-            return QuantizedRowStack(tuple(matrices))
-        return None
+        return cls(view, matrices[0].cols) if view is not None else QuantizedRowStack.over(matrices)
 
 
 @register_matrix_type

@@ -345,6 +345,15 @@ class QuantizedRowStack:
 
     matrices: tuple[Matrix, ...]
 
+    @classmethod
+    def over(cls, matrices: Sequence[Matrix]) -> "QuantizedRowStack | None":
+        """The stack of `matrices` when one kernel call can take them (one encoding, one width,
+        at most kernels.QUANTIZED_MAX_STACK of them), else None."""
+        storages = {(m.encoding.type, tuple(sorted(m.encoding.params.items())), m.shape[1]) for m in matrices}
+        if len(storages) != 1 or len(matrices) > kernels.QUANTIZED_MAX_STACK:
+            return None
+        return cls(tuple(matrices))
+
     @property
     def shape(self) -> tuple[int, int]:
         return sum(m.shape[0] for m in self.matrices), self.matrices[0].shape[1]

@@ -64,6 +64,14 @@ def split_qkv(qkv: np.ndarray, n_heads: int, n_kv: int, head_dim: int) -> tuple[
             qkv[:, q_cols + kv_cols:].reshape(n_tokens, n_kv, head_dim))
 
 
+def rope_then_attend(ops, qkv: np.ndarray, keys: np.ndarray, values: np.ndarray, sequences: Sequence,
+                     positions: np.ndarray) -> np.ndarray:
+    """An op set's rope() on q and k of one product's rows (T, (H_local + 2 n_kv_local) D), then its
+    attend(): (T, H_local, D)."""
+    q, k, v = split_qkv(qkv, ops.kv_of_head.size, keys.shape[1], ops.config.head_dim)
+    return ops.attend(ops.rope(q, positions), ops.rope(k, positions), v, keys, values, sequences, positions)
+
+
 def token_slots(sequences: Sequence) -> np.ndarray:
     """(T,) int32: the cache slot of each row's sequence."""
     if len(sequences) == 1:  # decode's usual step: np.repeat's lists cost 7 us of every layer
@@ -125,12 +133,10 @@ class NumpyOps:
                    positions: np.ndarray) -> np.ndarray:
         """rope() on q and k of one product's rows (T, (H_local + 2 n_kv_local) D), then attend():
         (T, H_local, D). In C in one call where the kernels run (the same bits)."""
-        n_heads, head_dim = self.kv_of_head.size, self.config.head_dim
         if kernels.has_f32_kernel() and qkv.flags.c_contiguous and qkv.flags.writeable:
-            return kernels.attend_qkv(qkv, n_heads, self.rotations, keys, values, self.kv_of_head,
+            return kernels.attend_qkv(qkv, self.kv_of_head.size, self.rotations, keys, values, self.kv_of_head,
                                       token_slots(sequences), positions)
-        q, k, v = split_qkv(qkv, n_heads, keys.shape[1], head_dim)
-        return self.attend(self.rope(q, positions), self.rope(k, positions), v, keys, values, sequences, positions)
+        return rope_then_attend(self, qkv, keys, values, sequences, positions)
 
     def attention(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, start_position: int) -> np.ndarray:
         """numpy's attention (where the C kernels do not run). q: (T, H_local, D) of one sequence at start_position..; keys, values: its slot's cache
@@ -204,8 +210,7 @@ class RunqOps:
     def attend_qkv(self, qkv: np.ndarray, keys: np.ndarray, values: np.ndarray, sequences: Sequence,
                    positions: np.ndarray) -> np.ndarray:
         """rope() on q and k of one product's rows (T, (H_local + 2 n_kv_local) D), then attend()."""
-        q, k, v = split_qkv(qkv, self.kv_of_head.size, keys.shape[1], self.config.head_dim)
-        return self.attend(self.rope(q, positions), self.rope(k, positions), v, keys, values, sequences, positions)
+        return rope_then_attend(self, qkv, keys, values, sequences, positions)
 
     def attention(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, start_position: int) -> np.ndarray:
         positions = np.arange(start_position, start_position + q.shape[0])

@@ -65,9 +65,7 @@ class GroupedQ8Matrix(Matrix):
     def stacked(cls, matrices) -> "QuantizedRowStack | None":
         """A version 2 file stores every layer's wq, then every wk, ...: never back to back, so
         one product over them (runq.c's bits for each) instead of one each."""
-        if len({(m.group_size, m.shape[1]) for m in matrices}) == 1 and len(matrices) <= kernels.QUANTIZED_MAX_STACK:
-            return QuantizedRowStack(tuple(matrices))
-        return None
+        return QuantizedRowStack.over(matrices)
 
     def group_terms(self, x: np.ndarray, first_col: int, total_cols: int) -> np.ndarray:
         """The terms runq.c's matmul adds for these columns, one per group, placed among

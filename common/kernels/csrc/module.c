@@ -133,7 +133,6 @@ static PyObject *matmul_stack(PyObject *self, PyObject *args) {
     size_t row_bytes = format == FMT_LLAMA2C_Q8 ? (size_t)cols : (size_t)(cols / QK) * block_bytes(format);
     while (held < s.count) { /* held: buffers to release */
         PyObject *pair = PyTuple_GET_ITEM(stack, held);
-        wscales[held].buf = NULL;
         if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
             PyErr_SetString(PyExc_ValueError, "each stacked matrix is a (weights, scales) pair");
             goto done;
@@ -271,8 +270,10 @@ static PyObject *has_vnni(PyObject *self, PyObject *unused) {
 
 /* ---- runq.c's element-wise steps (runq_ops.c); kernels/__init__.py checks dtypes and shapes ---- */
 
-static PyObject *py_runq_rmsnorm(PyObject *self, PyObject *args) {
-    (void)self;
+typedef void (*rmsnorm_fn)(float *out, const float *x, const float *weight, int rows, int size, float eps);
+
+/* (x, weight, out, rows, size, eps) -> norm(out, x, weight, rows, size, eps), lengths checked. */
+static PyObject *rmsnorm_call(PyObject *args, rmsnorm_fn norm) {
     int rows, size;
     float eps;
     Py_buffer x = {0}, weight = {0}, out = {0};
@@ -282,14 +283,17 @@ static PyObject *py_runq_rmsnorm(PyObject *self, PyObject *args) {
     if (rows < 0 || size < 1 || check_length(&x, n, "x") || check_length(&weight, sizeof(float) * size, "weight") ||
         check_length(&out, n, "out"))
         goto done;
-    Py_BEGIN_ALLOW_THREADS
-    runq_rmsnorm(out.buf, x.buf, weight.buf, rows, size, eps);
-    Py_END_ALLOW_THREADS
+    norm(out.buf, x.buf, weight.buf, rows, size, eps); /* a few rows: not worth releasing the GIL */
     result = Py_None;
     Py_INCREF(result);
 done:
     PyBuffer_Release(&x), PyBuffer_Release(&weight), PyBuffer_Release(&out);
     return result;
+}
+
+static PyObject *py_runq_rmsnorm(PyObject *self, PyObject *args) {
+    (void)self;
+    return rmsnorm_call(args, runq_rmsnorm);
 }
 
 static PyObject *py_runq_rope(PyObject *self, PyObject *args) {
@@ -634,21 +638,7 @@ done:
 
 static PyObject *py_numpy_rmsnorm(PyObject *self, PyObject *args) {
     (void)self;
-    int rows, dim;
-    float eps;
-    Py_buffer x = {0}, weight = {0}, out = {0};
-    if (!PyArg_ParseTuple(args, "y*y*w*iif", &x, &weight, &out, &rows, &dim, &eps)) return NULL;
-    PyObject *result = NULL;
-    size_t n = sizeof(float) * (size_t)rows * dim;
-    if (rows < 0 || dim < 1 || check_length(&x, n, "x") || check_length(&weight, sizeof(float) * dim, "weight") ||
-        check_length(&out, n, "out"))
-        goto done;
-    numpy_rmsnorm(out.buf, x.buf, weight.buf, rows, dim, eps); /* a few rows: not worth releasing the GIL */
-    result = Py_None;
-    Py_INCREF(result);
-done:
-    PyBuffer_Release(&x), PyBuffer_Release(&weight), PyBuffer_Release(&out);
-    return result;
+    return rmsnorm_call(args, numpy_rmsnorm);
 }
 
 static PyMethodDef methods[] = {
